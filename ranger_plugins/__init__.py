@@ -1,0 +1,12 @@
+"""Ranger (RAdam + Lookahead + Gradient Centralization) for PyTorch, fastai and Lightning.
+
+The core needs torch alone. The adapters are imported explicitly and are never imported
+here: ``ranger_plugins.fastai`` (needs fastai) and ``ranger_plugins.lightning`` (needs
+Lightning).
+"""
+
+from .lookahead import Lookahead
+from .ranger import Ranger, centralize_gradient, rectification
+
+__all__ = ["Lookahead", "Ranger", "centralize_gradient", "rectification"]
+__version__ = "0.1.0"

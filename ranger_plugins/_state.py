@@ -1,0 +1,102 @@
+"""Helpers shared by `Ranger` and `Lookahead`: validation, fp32 state and safe loading.
+
+Private: the public surface is `ranger_plugins/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# State tensors that we keep in fp32 for bf16/fp16 params. torch's `Optimizer.load_state_dict`
+# casts every state tensor to its param's dtype, which would round them; we put the saved
+# fp32 values back after loading.
+FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "slow_param")
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype the optimizer keeps state in and does its arithmetic in for `param`."""
+    return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+
+
+def check_lookahead_args(k: Any, alpha: Any) -> None:
+    """Raise a `ValueError` naming the argument when Lookahead's k or alpha is out of range."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid k: {k!r} (Lookahead's sync period must be an int >= 1)")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"Invalid alpha: {alpha!r} (Lookahead's slow step must be in (0, 1])")
+
+
+def check_state_dict_matches(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Check a state dict against the optimizer *before* anything is changed.
+
+    torch checks group and param counts but not tensor sizes; a size mismatch would only
+    surface at the next step, after the optimizer had been overwritten.
+    """
+    if not isinstance(state_dict, dict) or {"state", "param_groups"} - state_dict.keys():
+        raise ValueError("state_dict must be a dict with 'state' and 'param_groups' entries")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"loaded state dict has {len(saved_groups)} parameter groups, "
+            f"the optimizer has {len(optimizer.param_groups)}"
+        )
+    for index, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(
+                f"parameter group {index} has {len(group['params'])} params, "
+                f"the loaded state dict has {len(saved['params'])}"
+            )
+        for param, param_id in zip(group["params"], saved["params"]):
+            for key, value in state_dict["state"].get(param_id, {}).items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.dim() > 0
+                    and value.shape != param.shape
+                ):
+                    raise ValueError(
+                        f"state '{key}' of a param in group {index} has shape "
+                        f"{tuple(value.shape)}, but the param has shape {tuple(param.shape)}"
+                    )
+
+
+def saved_fp32_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> list[tuple]:
+    """(param, key, saved tensor) for every fp32 state tensor of a low-precision param."""
+    saved = []
+    for group, saved_group in zip(optimizer.param_groups, state_dict["param_groups"]):
+        for param, param_id in zip(group["params"], saved_group["params"]):
+            if param.dtype not in LOW_PRECISION:
+                continue
+            for key, value in state_dict["state"].get(param_id, {}).items():
+                if key in FP32_STATE_KEYS and isinstance(value, torch.Tensor):
+                    saved.append((param, key, value))
+    return saved
+
+
+def restore_fp32_state(optimizer: torch.optim.Optimizer, saved: Iterable[tuple]) -> None:
+    for param, key, value in saved:
+        optimizer.state[param][key] = value.detach().to(device=param.device, dtype=torch.float32)
+
+
+def load_state_dict_safely(optimizer: torch.optim.Optimizer, state_dict: dict, load) -> None:
+    """Validate, then `load(state_dict)`; keep fp32 state fp32; on failure leave all as it was."""
+    check_state_dict_matches(optimizer, state_dict)
+    fp32_state = saved_fp32_state(optimizer, state_dict)
+    # torch's load swaps in new `state` and `param_groups` objects; keep the old ones (and
+    # the groups' contents, in case a loader edits them in place) so a failure can be undone.
+    old_state, old_groups = optimizer.state, optimizer.param_groups
+    old_contents = [dict(group) for group in old_groups]
+    try:
+        load(state_dict)
+    except Exception:
+        optimizer.state, optimizer.param_groups = old_state, old_groups
+        for group, contents in zip(old_groups, old_contents):
+            group.clear()
+            group.update(contents)
+        raise
+    restore_fp32_state(optimizer, fp32_state)

@@ -1,0 +1,166 @@
+"""Lookahead: a slow copy of the weights that every k steps moves a fraction alpha toward
+the fast weights, which are then reset to it (Zhang, Lucas, Hinton and Ba, NeurIPS 2019).
+
+`LookaheadControls` holds what `Ranger` and the generic `Lookahead` share: forcing a sync,
+and evaluating on the slow weights. Both keep the slow weights in `state[p]["slow_param"]`
+and k/alpha in each param group as `lookahead_k`/`lookahead_alpha`, so `state_dict()` needs
+no special case. The group keys are not called `alpha` because fastai's `OptimWrapper` maps
+`alpha` to `sqr_mom` (beta2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.optim import Optimizer
+
+from ._state import check_lookahead_args, load_state_dict_safely, state_dtype
+
+__all__ = ["Lookahead", "LookaheadControls"]
+
+
+def _copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    # `torch._foreach_copy_` has no DTensor rule (FSDP2), and it needs matching dtypes.
+    if all(type(d) is torch.Tensor and d.dtype == s.dtype for d, s in zip(destinations, sources)):
+        torch._foreach_copy_(destinations, sources)
+    else:
+        for destination, source in zip(destinations, sources):
+            destination.copy_(source)
+
+
+class LookaheadControls:
+    """Mixin for optimizers whose state holds Lookahead's `slow_param` per parameter."""
+
+    def _params_with_slow_weights(self) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
+        for group in self.param_groups:
+            for param in group["params"]:
+                slow = self.state.get(param, {}).get("slow_param")
+                if slow is not None:
+                    yield group, param, slow
+
+    @torch.no_grad()
+    def sync_lookahead(self) -> None:
+        """Sync now: move the slow weights a fraction alpha toward the fast weights, then
+        reset the fast weights to them. The k-step schedule is not shifted by this."""
+        for group, param, slow in self._params_with_slow_weights():
+            slow.lerp_(param.to(slow.dtype), group["lookahead_alpha"])
+            param.copy_(slow)
+
+    @contextlib.contextmanager
+    def slow_weights(self) -> Iterator[None]:
+        """Put the slow weights into the model for evaluation; restore the fast weights on exit.
+
+        The fast weights are restored exactly (a backup copy, not a round trip through the
+        slow weights' dtype), so training continues as if evaluation never happened. Params
+        that have not stepped yet have no slow weights and keep their value.
+        """
+        entries = list(self._params_with_slow_weights())
+        params = [param for _, param, _ in entries]
+        with torch.no_grad():
+            backups = [param.detach().clone() for param in params]
+            _copy_into(params, [slow.to(param.dtype) for _, param, slow in entries])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                _copy_into(params, backups)
+
+
+class Lookahead(LookaheadControls, Optimizer):
+    """Lookahead around any torch optimizer.
+
+    Args:
+        optimizer: the inner ("fast") optimizer, for example `torch.optim.AdamW(fused=True)`.
+        k: sync every k steps of each parameter.
+        alpha: the slow weights move this fraction of the way to the fast weights at a sync.
+
+    It is a real `torch.optim.Optimizer` that shares the inner optimizer's `param_groups`
+    and `state`, so LR schedulers, GradScaler and checkpoints see one optimizer. The slow
+    weights start from each parameter's value at its first step (theta_0), so the first sync
+    already interpolates (timm's starts them at theta_k, making its first sync a no-op).
+    Each parameter counts its own steps (`state[p]["lookahead_step"]`), and only steps in
+    which it had a gradient count. Slow weights of bf16/fp16 params are kept in fp32.
+
+    A closure is evaluated once, before the inner step (so optimizers that re-evaluate
+    their closure, such as LBFGS, are not supported).
+    """
+
+    def __init__(self, optimizer: Optimizer, k: int = 6, alpha: float = 0.5) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        check_lookahead_args(k, alpha)
+        self.optimizer = optimizer
+        # The base class sets up hooks and bookkeeping; then share the inner containers.
+        super().__init__([{"params": g["params"]} for g in optimizer.param_groups], {})
+        self._share_inner_containers()
+        for group in self.param_groups:
+            group.setdefault("lookahead_k", k)
+            group.setdefault("lookahead_alpha", alpha)
+        self._lookahead_defaults = {"lookahead_k": k, "lookahead_alpha": alpha}
+
+    def _share_inner_containers(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.defaults = self.optimizer.defaults
+
+    def __repr__(self) -> str:
+        k, alpha = self._lookahead_defaults.values()
+        return f"Lookahead(k={k}, alpha={alpha}, optimizer={self.optimizer!r})"
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "_lookahead_defaults"):  # called by Optimizer.__init__
+            return super().add_param_group(param_group)
+        check_lookahead_args(
+            param_group.get("lookahead_k", self._lookahead_defaults["lookahead_k"]),
+            param_group.get("lookahead_alpha", self._lookahead_defaults["lookahead_alpha"]),
+        )
+        self.optimizer.add_param_group(param_group)
+        for key, value in self._lookahead_defaults.items():
+            self.param_groups[-1].setdefault(key, value)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stepped = []
+        with torch.no_grad():
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        continue
+                    state = self.state[param]
+                    if "slow_param" not in state:
+                        state["slow_param"] = param.detach().to(state_dtype(param), copy=True)
+                        state["lookahead_step"] = 0
+                    stepped.append((group, param))
+        self.optimizer.step()
+        with torch.no_grad():
+            for group, param in stepped:
+                state = self.state[param]
+                state["lookahead_step"] += 1
+                if state["lookahead_step"] % group["lookahead_k"] == 0:
+                    slow = state["slow_param"]
+                    slow.lerp_(param.to(slow.dtype), group["lookahead_alpha"])
+                    param.copy_(slow)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for group in state_dict.get("param_groups", []):
+            check_lookahead_args(
+                group.get("lookahead_k", self._lookahead_defaults["lookahead_k"]),
+                group.get("lookahead_alpha", self._lookahead_defaults["lookahead_alpha"]),
+            )
+        try:
+            load_state_dict_safely(self.optimizer, state_dict, self.optimizer.load_state_dict)
+        finally:
+            self._share_inner_containers()
+        # A state dict of the bare inner optimizer loads too, with this wrapper's k/alpha.
+        for group in self.param_groups:
+            for key, value in self._lookahead_defaults.items():
+                group.setdefault(key, value)
