@@ -5,7 +5,6 @@ Private: the public surface is `ranger_plugins/__init__.py`.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 

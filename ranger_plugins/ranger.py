@@ -1,22 +1,23 @@
 """Ranger: RAdam + Lookahead + Gradient Centralization, as a `torch.optim.Optimizer`.
 
 Layout follows torch.optim: the class (thin: validation, lazy state, dispatch), then
-`_single_tensor_ranger` (the readable ground truth), then `_multi_tensor_ranger`
-(`torch._foreach_*`, grouped by device, dtype and step; the default).
+`_single_tensor_ranger` (the readable ground truth), then the functional `ranger` that picks
+an implementation. The fast paths live beside it: `_multi_tensor.py` (`torch._foreach_*`,
+grouped by device, dtype and step; the default).
 """
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from ._math import centralize_gradient, rectification
+from ._multi_tensor import _multi_tensor_ranger
 from ._state import check_lookahead_args, load_state_dict_safely, state_dtype
-from .lookahead import LookaheadControls, _copy_into
+from .lookahead import LookaheadControls
 
 __all__ = ["Ranger", "centralize_gradient", "rectification"]
 
@@ -245,41 +246,6 @@ def _check_gc_supported(param: torch.Tensor) -> None:
             )
 
 
-def _gc_applies(grad: torch.Tensor, gc_conv_only: bool) -> bool:
-    return grad.dim() > (3 if gc_conv_only else 1)
-
-
-def centralize_gradient(grad: torch.Tensor, gc_conv_only: bool = False) -> torch.Tensor:
-    """Gradient Centralization in place: subtract the mean over all dims but 0.
-
-    Gradients with one dimension or none (or, with ``gc_conv_only``, fewer than four) are
-    returned unchanged.
-    """
-    if _gc_applies(grad, gc_conv_only):
-        grad.sub_(grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True))
-    return grad
-
-
-def rectification(
-    step: int, beta1: float, beta2: float, rectify_threshold: float = 5.0
-) -> tuple[float, bool]:
-    """The step-size multiplier of lr at step ``step``, and whether the step is adaptive.
-
-    Adaptive (rho_t > threshold): r_t * sqrt(1 - beta2^t) / (1 - beta1^t), applied to
-    m / (sqrt(v) + eps). Otherwise 1 / (1 - beta1^t), applied to m (momentum SGD).
-    """
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2 = 1.0 - beta2**step
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    rho_t = rho_inf - 2.0 * step * beta2**step / bias_correction2
-    if rho_t > rectify_threshold:
-        r_t = math.sqrt(
-            (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
-        )
-        return r_t * math.sqrt(bias_correction2) / bias_correction1, True
-    return 1.0 / bias_correction1, False
-
-
 def _single_tensor_ranger(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -324,70 +290,6 @@ def _single_tensor_ranger(
             fast.copy_(slow)
         if fast is not param:
             param.copy_(fast)
-
-
-def _multi_tensor_ranger(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    slow_params: list[torch.Tensor],
-    steps: list[int],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    lookahead_k: int,
-    lookahead_alpha: float,
-    use_gc: bool,
-    gc_conv_only: bool,
-    rectify_threshold: float,
-) -> None:
-    # One bucket per (device, dtype, step): foreach kernels need one device and dtype, and
-    # the step decides the scalar step size and whether Lookahead syncs.
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for index, (param, step) in enumerate(zip(params, steps)):
-        buckets[(param.device, param.dtype, step)].append(index)
-
-    for (_, param_dtype, step), indices in buckets.items():
-        bucket_params = [params[i] for i in indices]
-        bucket_exp_avgs = [exp_avgs[i] for i in indices]
-        bucket_exp_avg_sqs = [exp_avg_sqs[i] for i in indices]
-        bucket_slow = [slow_params[i] for i in indices]
-        work_dtype = bucket_exp_avgs[0].dtype
-        if param_dtype == work_dtype:
-            bucket_grads = [grads[i] for i in indices]
-            fast = bucket_params
-        else:  # bf16/fp16: work on fp32 copies
-            bucket_grads = [grads[i].to(work_dtype) for i in indices]
-            fast = [p.to(work_dtype) for p in bucket_params]
-
-        if use_gc:
-            for grad in bucket_grads:
-                centralize_gradient(grad, gc_conv_only)
-
-        if weight_decay != 0:
-            torch._foreach_mul_(fast, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(bucket_exp_avgs, bucket_grads, 1.0 - beta1)
-        torch._foreach_mul_(bucket_exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(bucket_exp_avg_sqs, bucket_grads, bucket_grads, 1.0 - beta2)
-
-        multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
-        if adaptive:
-            denominators = torch._foreach_sqrt(bucket_exp_avg_sqs)
-            torch._foreach_add_(denominators, eps)
-            torch._foreach_addcdiv_(fast, bucket_exp_avgs, denominators, -lr * multiplier)
-            del denominators
-        else:
-            torch._foreach_add_(fast, bucket_exp_avgs, alpha=-lr * multiplier)
-
-        if step % lookahead_k == 0:
-            torch._foreach_lerp_(bucket_slow, fast, lookahead_alpha)
-            _copy_into(fast, bucket_slow)
-        if fast is not bucket_params:
-            _copy_into(bucket_params, fast)
 
 
 def ranger(

@@ -1,0 +1,42 @@
+"""Ranger's scalar maths and Gradient Centralization, shared by every implementation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _gc_applies(grad: torch.Tensor, gc_conv_only: bool) -> bool:
+    return grad.dim() > (3 if gc_conv_only else 1)
+
+
+def centralize_gradient(grad: torch.Tensor, gc_conv_only: bool = False) -> torch.Tensor:
+    """Gradient Centralization in place: subtract the mean over all dims but 0.
+
+    Gradients with one dimension or none (or, with ``gc_conv_only``, fewer than four) are
+    returned unchanged.
+    """
+    if _gc_applies(grad, gc_conv_only):
+        grad.sub_(grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True))
+    return grad
+
+
+def rectification(
+    step: int, beta1: float, beta2: float, rectify_threshold: float = 5.0
+) -> tuple[float, bool]:
+    """The step-size multiplier of lr at step ``step``, and whether the step is adaptive.
+
+    Adaptive (rho_t > threshold): r_t * sqrt(1 - beta2^t) / (1 - beta1^t), applied to
+    m / (sqrt(v) + eps). Otherwise 1 / (1 - beta1^t), applied to m (momentum SGD).
+    """
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2**step / bias_correction2
+    if rho_t > rectify_threshold:
+        r_t = math.sqrt(
+            (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
+        )
+        return r_t * math.sqrt(bias_correction2) / bias_correction1, True
+    return 1.0 / bias_correction1, False
