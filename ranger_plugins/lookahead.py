@@ -123,26 +123,46 @@ class Lookahead(LookaheadControls, Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles only defaults/state/param_groups; the wrapper also needs
+        # the inner optimizer (pickled in the same memo, so the containers stay shared).
+        return {
+            **super().__getstate__(),
+            "optimizer": self.optimizer,
+            "_lookahead_defaults": self._lookahead_defaults,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._share_inner_containers()
+
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Run the closure (if any) under ``enable_grad``, the inner step, then due syncs."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stepped = []
+        stepped = [
+            (group, param)
+            for group in self.param_groups
+            for param in group["params"]
+            if param.grad is not None
+        ]
         with torch.no_grad():
-            for group in self.param_groups:
-                for param in group["params"]:
-                    if param.grad is None:
-                        continue
-                    state = self.state[param]
-                    if "slow_param" not in state:
-                        state["slow_param"] = param.detach().to(state_dtype(param), copy=True)
-                        state["lookahead_step"] = 0
-                    stepped.append((group, param))
+            # theta_0 of the params stepping for the first time. It is stored only after the
+            # inner step: torch optimizers initialize a param's state when state[p] is empty.
+            initial_weights = {
+                param: param.detach().to(state_dtype(param), copy=True)
+                for _, param in stepped
+                if "slow_param" not in self.state.get(param, {})
+            }
         self.optimizer.step()
         with torch.no_grad():
             for group, param in stepped:
                 state = self.state[param]
+                if param in initial_weights:
+                    state["slow_param"] = initial_weights[param]
+                    state["lookahead_step"] = 0
                 state["lookahead_step"] += 1
                 if state["lookahead_step"] % group["lookahead_k"] == 0:
                     slow = state["slow_param"]
