@@ -5,6 +5,7 @@ Private: the public surface is `ranger_plugins/__init__.py`.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,10 +26,16 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
 
 def check_lookahead_args(k: Any, alpha: Any) -> None:
     """Raise a `ValueError` naming the argument when Lookahead's k or alpha is out of range."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"Invalid k: {k!r} (Lookahead's sync period must be an int >= 1)")
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"Invalid alpha: {alpha!r} (Lookahead's slow step must be in (0, 1])")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(
+            f"Invalid k (group key 'lookahead_k'): {k!r} (Lookahead's sync period must be an "
+            "int >= 1)"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha <= 1.0:
+        raise ValueError(
+            f"Invalid alpha (group key 'lookahead_alpha'): {alpha!r} (Lookahead's slow step "
+            "must be in (0, 1])"
+        )
 
 
 def check_state_dict_matches(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
