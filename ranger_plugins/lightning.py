@@ -1,0 +1,347 @@
+"""Ranger for Lightning: a ``configure_optimizers`` helper and a Lookahead callback.
+
+Works with both packagings of Lightning, ``lightning.pytorch`` and ``pytorch_lightning``:
+`LookaheadCallback` subclasses the ``Callback`` class of each one installed, so both trainers
+accept it (each checks ``isinstance`` against its own ``Callback``).
+
+Example::
+
+    from ranger_plugins.lightning import LookaheadCallback, ranger_optimizers
+
+    class Model(LightningModule):
+        def configure_optimizers(self):
+            return ranger_optimizers(self, lr=4e-3, schedule="flat_cos")
+
+    Trainer(callbacks=[LookaheadCallback()]).fit(Model())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from .lookahead import LookaheadControls
+from .ranger import Ranger
+from .schedules import FlatCosineLR, OneCycleCosineLR, OptimizerStepLR
+
+__all__ = ["LookaheadCallback", "no_decay_param_groups", "ranger_optimizers"]
+
+#: Normalisation layers whose parameters get no weight decay (with every bias).
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm, Lazy*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+#: Checkpoint key holding the fast (training) weights beside the slow ``state_dict``.
+FAST_STATE_KEY = "lookahead_fast_state_dict"
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases = []
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except ModuleNotFoundError:  # the parent package `lightning` is missing
+            found = False
+        if found:
+            bases.append(importlib.import_module(package).Callback)
+    if not bases:
+        raise ImportError(
+            "ranger_plugins.lightning needs Lightning: pip install 'ranger-plugins[lightning]'"
+        )
+    return tuple(bases)
+
+
+def no_decay_param_groups(
+    module: nn.Module, weight_decay: float, *, exclude_bias_and_norm: bool = True
+) -> list[dict[str, Any]]:
+    """Split ``module``'s parameters into a decayed group and a group without weight decay.
+
+    Biases and every parameter of a normalisation layer (`NORM_LAYERS`) go to the group
+    with ``weight_decay=0`` when ``exclude_bias_and_norm`` is set; everything else gets
+    ``weight_decay``. Empty groups are left out. Shared parameters appear once.
+    """
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for submodule in module.modules():
+        is_norm = isinstance(submodule, NORM_LAYERS)
+        for name, param in submodule.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            excluded = exclude_bias_and_norm and (is_norm or name == "bias")
+            (no_decay if excluded else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def _estimated_total_steps(module: nn.Module) -> int:
+    try:
+        trainer = module.trainer  # LightningModule raises RuntimeError when not attached
+    except (AttributeError, RuntimeError):
+        trainer = None
+    if trainer is None:
+        raise ValueError(
+            "total_steps is required when the module is not attached to a Trainer "
+            "(it defaults to trainer.estimated_stepping_batches)"
+        )
+    total = trainer.estimated_stepping_batches
+    if not (isinstance(total, (int, float)) and 1 <= total < float("inf")):
+        raise ValueError(
+            f"trainer.estimated_stepping_batches is {total!r}; pass total_steps (an int >= 1) "
+            "or set max_steps/max_epochs"
+        )
+    return int(total)
+
+
+def ranger_optimizers(
+    module: nn.Module,
+    lr: float = 4e-3,
+    *,
+    schedule: Literal["flat_cos", "one_cycle", "constant"] = "flat_cos",
+    total_steps: int | None = None,
+    pct_start: float | None = None,
+    div_start: float = 25.0,
+    div_final: float = 1e5,
+    weight_decay: float = 1e-2,
+    exclude_bias_and_norm: bool = True,
+    **ranger_kwargs: Any,
+) -> dict[str, Any]:
+    """Ranger and its learning-rate schedule, in the form ``configure_optimizers`` returns.
+
+    Args:
+        module: the model (normally ``self`` in ``configure_optimizers``).
+        lr: the peak learning rate (the flat part of ``flat_cos``).
+        schedule: ``"flat_cos"`` (fastai's ``fit_flat_cos``: flat for ``pct_start``, then
+            cosine to ``lr / div_final``), ``"one_cycle"`` (fastai's ``fit_one_cycle`` lr:
+            cosine warm-up from ``lr / div_start`` over ``pct_start``, then cosine to
+            ``lr / div_final``) or ``"constant"`` (no scheduler).
+        total_steps: optimizer steps in the whole schedule; default
+            ``trainer.estimated_stepping_batches``.
+        pct_start: the first phase's share of the steps (default 0.75 for ``flat_cos``,
+            0.25 for ``one_cycle``).
+        div_start: ``one_cycle`` starts at ``lr / div_start``.
+        div_final: the schedule ends at ``lr / div_final``.
+        weight_decay: Ranger's decoupled weight decay (the Ranger + Mish recipe's 1e-2).
+        exclude_bias_and_norm: give biases and normalisation layers no weight decay.
+        **ranger_kwargs: passed on to `Ranger` (``betas``, ``eps``, ``k``, ``alpha``,
+            ``use_gc``, ...).
+
+    Returns:
+        ``{"optimizer": Ranger, "lr_scheduler": {"scheduler": ..., "interval": "step"}}``.
+        The scheduler is an `OptimizerStepLR`: its position is the number of optimizer steps
+        actually taken, so a step that GradScaler skips does not advance it, although
+        Lightning calls ``scheduler.step()`` after every optimizer step either way.
+    """
+    schedules = ("flat_cos", "one_cycle", "constant")
+    if schedule not in schedules:
+        raise ValueError(f"Invalid schedule: {schedule!r} (must be one of {schedules})")
+    if total_steps is not None and not (isinstance(total_steps, int) and total_steps >= 1):
+        raise ValueError(f"Invalid total_steps: {total_steps!r} (must be an int >= 1)")
+    groups = no_decay_param_groups(
+        module, weight_decay, exclude_bias_and_norm=exclude_bias_and_norm
+    )
+    if schedule != "constant" and total_steps is None:
+        total_steps = _estimated_total_steps(module)
+    optimizer = Ranger(groups, lr=lr, weight_decay=weight_decay, **ranger_kwargs)
+    if schedule == "constant":
+        return {"optimizer": optimizer}
+    scheduler: OptimizerStepLR
+    if schedule == "flat_cos":
+        scheduler = FlatCosineLR(
+            optimizer,
+            total_steps,
+            pct_start=0.75 if pct_start is None else pct_start,
+            div_final=div_final,
+        )
+    else:
+        scheduler = OneCycleCosineLR(
+            optimizer,
+            total_steps,
+            pct_start=0.25 if pct_start is None else pct_start,
+            div_start=div_start,
+            div_final=div_final,
+        )
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }
+
+
+def _lookahead_optimizers(optimizers: Iterable[Optimizer]) -> list[LookaheadControls]:
+    return [opt for opt in optimizers if isinstance(opt, LookaheadControls)]
+
+
+def _has_slow_weights(optimizer: LookaheadControls) -> bool:
+    return any(
+        "slow_param" in optimizer.state.get(param, {})
+        for group in optimizer.param_groups
+        for param in group["params"]
+    )
+
+
+def _enter_slow_weights(stack: contextlib.ExitStack, optimizers: list[LookaheadControls]) -> None:
+    for optimizer in optimizers:
+        # Before the first step there are no slow weights. (Also sidesteps a core bug:
+        # `slow_weights()` raises on an empty `torch._foreach_copy_` when nothing stepped.)
+        if _has_slow_weights(optimizer):
+            stack.enter_context(optimizer.slow_weights())
+
+
+def _detached_copy(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        key: value.detach().clone() if isinstance(value, torch.Tensor) else value
+        for key, value in state_dict.items()
+    }
+
+
+def _is_fitting(trainer: Any) -> bool:
+    return trainer.state.fn == "fit"
+
+
+class LookaheadCallback(*_callback_bases()):
+    """Evaluate and checkpoint the Lookahead slow weights of `Ranger` / `Lookahead`.
+
+    * Validation during ``fit`` runs on the slow weights: they are put into the model at
+      the start of each validation epoch and the fast weights are restored exactly at its
+      end (as Lightning's ``WeightAveraging`` does), so training is bitwise the same with or
+      without validation, and ``ModelCheckpoint``/``EarlyStopping`` see slow-weight metrics.
+    * A checkpoint's ``state_dict`` holds the slow weights (what validation saw), so
+      ``Model.load_from_checkpoint`` gives the evaluated model; the fast weights are saved
+      beside them under ``"lookahead_fast_state_dict"`` and put back when ``fit`` resumes
+      from the checkpoint, so training continues exactly.
+    * At the end of ``fit`` (``sync_on_train_end``) a final Lookahead sync is made: the slow
+      weights take the last fast steps into account and the model holds them (fast = slow),
+      so a later ``trainer.test``/``predict`` or ``save_checkpoint`` uses them.
+
+    The optimizer does the Lookahead itself (its state holds the slow weights and the step
+    counts); this callback only decides which weights the model holds when. Automatic and
+    manual optimization, gradient accumulation and clipping, mixed precision and GradScaler
+    (a skipped step changes nothing in the optimizer) need nothing special.
+
+    Args:
+        sync_on_train_end: make a final Lookahead sync at the end of ``fit``. Without it the
+            model keeps its fast weights after ``fit``.
+    """
+
+    def __init__(self, sync_on_train_end: bool = True) -> None:
+        self.sync_on_train_end = sync_on_train_end
+        # The open `slow_weights()` contexts while validation runs on the slow weights.
+        self._slow_weights_stack: contextlib.ExitStack | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "LookaheadCallback"
+
+    # -- swapping --------------------------------------------------------------------------
+
+    def _swap_in_slow_weights(self, trainer: Any) -> None:
+        if self._slow_weights_stack is not None:
+            return
+        stack = contextlib.ExitStack()
+        _enter_slow_weights(stack, _lookahead_optimizers(trainer.optimizers))
+        self._slow_weights_stack = stack
+
+    def _restore_fast_weights(self) -> None:
+        stack, self._slow_weights_stack = self._slow_weights_stack, None
+        if stack is not None:
+            stack.close()
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if not _lookahead_optimizers(trainer.optimizers) and trainer.is_global_zero:
+            warnings.warn(
+                "LookaheadCallback found no optimizer with Lookahead slow weights (Ranger or "
+                "ranger_plugins.Lookahead) in configure_optimizers; it will do nothing.",
+                stacklevel=2,
+            )
+
+    @override
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # Only inside fit: a standalone validate/test evaluates the weights it was given.
+        if _is_fitting(trainer):
+            self._swap_in_slow_weights(trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._restore_fast_weights()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # Leave the model with its training weights, as if validation had ended.
+        self._restore_fast_weights()
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.sync_on_train_end:
+            for optimizer in _lookahead_optimizers(trainer.optimizers):
+                optimizer.sync_lookahead()
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"sync_on_train_end": self.sync_on_train_end, "fast_state_key": FAST_STATE_KEY}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sync_on_train_end = state_dict.get("sync_on_train_end", self.sync_on_train_end)
+
+    @override
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Put the slow weights in ``state_dict`` and the fast weights beside them."""
+        optimizers = _lookahead_optimizers(trainer.optimizers)
+        if not optimizers:
+            return
+        strategy = trainer.strategy
+        in_validation = self._slow_weights_stack is not None
+        if in_validation:  # saved from inside validation: the model holds the slow weights
+            self._restore_fast_weights()
+            fast_state = _detached_copy(strategy.lightning_module_state_dict())
+        else:
+            # These tensors may share storage with the parameters; they are read only after
+            # the fast weights are back.
+            fast_state = checkpoint["state_dict"]
+        with contextlib.ExitStack() as stack:
+            _enter_slow_weights(stack, optimizers)
+            slow_state = _detached_copy(strategy.lightning_module_state_dict())
+        if in_validation:
+            self._swap_in_slow_weights(trainer)
+        checkpoint["state_dict"] = slow_state
+        checkpoint[FAST_STATE_KEY] = fast_state
+
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """When ``fit`` resumes, load the fast weights (``state_dict`` has the slow ones)."""
+        if not _is_fitting(trainer):
+            return  # validate/test/predict use the slow weights already loaded
+        fast_state = checkpoint.get(FAST_STATE_KEY)
+        if fast_state is None:
+            if trainer.is_global_zero:
+                warnings.warn(
+                    "LookaheadCallback: the checkpoint has no Lookahead fast weights (it was "
+                    "not saved with LookaheadCallback), so training resumes from its "
+                    "state_dict as the fast weights.",
+                    stacklevel=2,
+                )
+            return
+        trainer.strategy.load_model_state_dict({"state_dict": fast_state})
