@@ -13,12 +13,12 @@ import torch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-# State tensors that we keep in fp32 for bf16/fp16 params. torch's `Optimizer.load_state_dict`
-# casts every state tensor to its param's dtype, which would round them; we put the saved
-# fp32 values back after loading.
-FP32_STATE_KEYS = ("exp_avg", "exp_avg_sq", "slow_param")
 
-
+# torch's `Optimizer.load_state_dict` casts every floating state tensor to its param's dtype.
+# For bf16/fp16 params that would round the fp32 moments and slow weights we keep; we put the
+# saved fp32 tensors back after loading. State the inner optimizer keeps in the param's own
+# dtype (AdamW's moments) is saved in that dtype and is left as torch loads it. "step" is
+# left alone too: torch decides its device (CPU unless capturable/fused).
 def state_dtype(param: torch.Tensor) -> torch.dtype:
     """The dtype the optimizer keeps state in and does its arithmetic in for `param`."""
     return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
@@ -79,12 +79,17 @@ def saved_fp32_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> list
             if param.dtype not in LOW_PRECISION:
                 continue
             for key, value in state_dict["state"].get(param_id, {}).items():
-                if key in FP32_STATE_KEYS and isinstance(value, torch.Tensor):
+                if (
+                    key != "step"
+                    and isinstance(value, torch.Tensor)
+                    and value.dtype == torch.float32
+                ):
                     saved.append((param, key, value))
     return saved
 
 
 def restore_fp32_state(optimizer: torch.optim.Optimizer, saved: Iterable[tuple]) -> None:
+    """Put the saved fp32 state tensors back (on the param's device) after torch's load."""
     for param, key, value in saved:
         optimizer.state[param][key] = value.detach().to(device=param.device, dtype=torch.float32)
 
