@@ -38,6 +38,14 @@ def check_lookahead_args(k: Any, alpha: Any) -> None:
         )
 
 
+# State entries that have their param's shape: ours, and those of the torch optimizers a
+# generic `Lookahead` commonly wraps. Others (Adafactor's row/col factors, 0-dim steps) have
+# shapes of their own and are not checked.
+PARAM_SHAPED_STATE_KEYS = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "slow_param", "momentum_buffer", "square_avg"}
+)
+
+
 def check_state_dict_matches(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
     """Check a state dict against the optimizer *before* anything is changed.
 
@@ -61,8 +69,8 @@ def check_state_dict_matches(optimizer: torch.optim.Optimizer, state_dict: dict)
         for param, param_id in zip(group["params"], saved["params"]):
             for key, value in state_dict["state"].get(param_id, {}).items():
                 if (
-                    isinstance(value, torch.Tensor)
-                    and value.dim() > 0
+                    key in PARAM_SHAPED_STATE_KEYS
+                    and isinstance(value, torch.Tensor)
                     and value.shape != param.shape
                 ):
                     raise ValueError(

@@ -61,6 +61,7 @@ INNER = {
     "adamw_foreach": lambda params: torch.optim.AdamW(params, lr=0.01, foreach=True),
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True),
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05),
+    "adafactor": lambda params: torch.optim.Adafactor(params, lr=0.01),
 }
 
 
@@ -320,8 +321,9 @@ def roundtrip(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("inner", ["adamw_fused", "sgd_momentum"])
+@pytest.mark.parametrize("inner", ["adamw_fused", "sgd_momentum", "adafactor"])
 def test_generic_lookahead_state_dict_round_trip_continues_bitwise(inner):
+    """Adafactor's state has shapes of its own (row/col factors): it must load too."""
     params = make_params()
     optimizer = Lookahead(INNER[inner](params), k=5, alpha=0.6)
     run(optimizer, params, 7)  # across the sync at 5; 7 is not a multiple of k

@@ -400,6 +400,18 @@ def mismatched_state_dicts(params):
     }
 
 
+def test_state_of_a_scalar_param_does_not_load_into_a_vector_param():
+    params = make_params()
+    optimizer = Ranger(params)
+    run(optimizer, params, 2)
+    vector_params = make_params(shapes=[(4, 3, 3, 3), (5, 7), (6,), (3,)])
+    other = Ranger(vector_params)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match=r"shape \(\)"):
+        other.load_state_dict(optimizer.state_dict())
+    assert_state_dicts_equal(snapshot(other), before)
+
+
 @pytest.mark.parametrize("mismatch", ["groups", "sizes", "shapes", "hyperparameter"])
 def test_mismatched_load_state_dict_raises_and_changes_nothing(mismatch):
     params = make_params()
