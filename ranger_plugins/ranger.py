@@ -149,6 +149,11 @@ class Ranger(LookaheadControls, Optimizer):
         for param in with_grad:
             if param.grad.is_sparse:
                 raise RuntimeError("Ranger does not support sparse gradients")
+            if torch.is_complex(param):
+                raise RuntimeError(
+                    "Ranger does not support complex parameters; optimize "
+                    "torch.view_as_real(param) instead"
+                )
             if group["use_gc"] and param.dim() > 1:
                 _check_gc_supported(param)
         for param in with_grad:

@@ -315,6 +315,17 @@ def test_sparse_gradients_raise_before_any_change(foreach):
     assert not optimizer.state
 
 
+def test_complex_params_raise_before_any_change():
+    real = torch.nn.Parameter(torch.randn(3))
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    optimizer = Ranger([real, complex_param])
+    real.grad, complex_param.grad = torch.randn(3), torch.randn(3, dtype=torch.complex64)
+    before = real.detach().clone()
+    with pytest.raises(RuntimeError, match="complex"):
+        optimizer.step()
+    assert torch.equal(real, before) and not optimizer.state
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
