@@ -1,0 +1,367 @@
+"""fastai adapter: `Learner(dls, model, opt_func=ranger)` and slow-weight evaluation.
+
+Change one import to switch from fastai's built-in Ranger::
+
+    from functools import partial
+    from ranger_plugins.fastai import LookaheadEvalCallback, ranger
+
+    learn = Learner(dls, model, opt_func=ranger)                      # fastai's defaults
+    learn = Learner(dls, model, opt_func=partial(ranger, gc=True))    # + Gradient Centralization
+    learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadEvalCallback())  # validate on slow weights
+
+`ranger` builds the core `ranger_plugins.Ranger` (a real `torch.optim.Optimizer`) and wraps
+it in `RangerOptimWrapper`, a subclass of fastai's own `OptimWrapper`, so fastai's schedulers
+(`fit_one_cycle`, `fit_flat_cos`, `lr_find`), discriminative learning rates, freezing,
+`save`/`load` and `export` drive it through fastai's ordinary mechanisms.
+
+Validation runs on the *fast* weights (as with fastai's own `ranger`) unless
+`LookaheadEvalCallback` is added to the Learner; it is not added automatically, because an
+`opt_func` cannot add callbacks to the Learner that calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from fastai.callback.core import Callback
+from fastai.optimizer import OptimWrapper, detuplify_pg
+
+from .lookahead import LookaheadControls
+from .ranger import Ranger, _check_hyperparameters
+
+__all__ = ["RANGER_HP_MAP", "LookaheadEvalCallback", "RangerOptimWrapper", "ranger"]
+
+# torch param-group key -> fastai hyperparameter name. fastai's `pytorch_hp_map` also maps
+# 'alpha' to 'sqr_mom' (RMSprop's alpha); the core stores Lookahead's alpha as
+# `lookahead_alpha`, and here it is exposed to fastai as 'alpha', distinct from 'sqr_mom'
+# (betas[1]), so scheduling one never touches the other.
+RANGER_HP_MAP = {
+    "betas__0": "mom",
+    "betas__1": "sqr_mom",
+    "weight_decay": "wd",
+    "lookahead_k": "k",
+    "lookahead_alpha": "alpha",
+    "use_gc": "gc",
+}
+
+
+def ranger(
+    params: Iterable,
+    lr: float | slice = 1e-3,
+    mom: float = 0.95,
+    sqr_mom: float = 0.99,
+    eps: float = 1e-6,
+    wd: float = 0.01,
+    k: int = 6,
+    alpha: float = 0.5,
+    gc: bool = False,
+    gc_conv_only: bool = False,
+    rectify_threshold: float = 5.0,
+    *,
+    foreach: bool | None = None,
+) -> RangerOptimWrapper:
+    """Ranger as a fastai `opt_func`: ``Learner(dls, model, opt_func=ranger)``.
+
+    Same names and defaults as ``fastai.optimizer.ranger`` (Lookahead over RAdam with true
+    weight decay), computed by the core `ranger_plugins.Ranger` (multi-tensor, closure
+    support, exact ``state_dict`` round trip).
+
+    Args:
+        params: what the Learner's splitter returns: a list of parameters, a list of
+            parameter lists (one per layer group, for discriminative lrs and freezing), or
+            a list of dicts with ``params``.
+        lr: learning rate (a ``slice`` spreads it over the layer groups, as in fastai).
+        mom: beta1, the gradient moving-average coefficient (fastai's ``mom``, scheduled by
+            ``fit_one_cycle``).
+        sqr_mom: beta2, the squared-gradient moving-average coefficient.
+        eps: added to ``sqrt(v)`` in the denominator. fastai's Ranger adds it to
+            ``sqrt(v / (1 - sqr_mom**t))`` instead, so the two match exactly only as
+            eps -> 0; with the default 1e-6 the difference is tiny (see the README).
+        wd: true (decoupled) weight decay: ``p *= 1 - lr * wd`` before the update. Norm
+            layers and biases get none when the Learner has ``wd_bn_bias=False`` (its
+            default), as with fastai's own optimizers.
+        k: Lookahead sync period, in steps of each parameter.
+        alpha: Lookahead slow step (exposed to fastai as the hyperparameter ``alpha``,
+            stored by the core as ``lookahead_alpha``; never confused with ``sqr_mom``).
+        gc: Gradient Centralization. Off by default only so that training matches fastai's
+            ``ranger``; ``opt_func=partial(ranger, gc=True)`` turns it on.
+        gc_conv_only: restrict GC to conv weights (more than three dims).
+        rectify_threshold: RAdam's rho_t threshold for the adaptive step.
+        foreach: force (True) or forbid (False) the multi-tensor implementation.
+
+    Returns:
+        A `RangerOptimWrapper` (a fastai `OptimWrapper`); the core optimizer is its
+        ``.opt``.
+
+    Options are bound with `functools.partial`, the way fastai's own optimizers are
+    customised (``opt_func=partial(ranger, gc=True, k=5)``); a partial of this module-level
+    function pickles, so ``learn.export()`` / ``load_learner()`` work. ``ranger(gc=True)``
+    without parameters is not supported.
+
+    Validation uses the fast weights unless you pass ``cbs=LookaheadEvalCallback()`` to the
+    Learner, which evaluates on Lookahead's slow weights and leaves the model on the synced
+    slow weights at the end of ``fit``.
+    """
+    groups = _layer_groups(params)
+    core_groups = []
+    for group in groups:
+        # Every layer group becomes two core groups: the params that are decayed, and a
+        # twin with weight_decay 0 for those the Learner flags `do_wd=False` (filled later,
+        # by `RangerOptimWrapper._apply_wd_flags`, since the Learner sets the flags after
+        # the optimizer is built). fastai only ever sees the layer groups.
+        core_groups.append(group)
+        core_groups.append({**group, "params": [], "weight_decay": 0.0})
+    optimizer = Ranger(
+        core_groups,
+        lr=lr.stop if isinstance(lr, slice) else lr,
+        betas=(mom, sqr_mom),
+        eps=eps,
+        weight_decay=wd,
+        k=k,
+        alpha=alpha,
+        use_gc=gc,
+        gc_conv_only=gc_conv_only,
+        rectify_threshold=rectify_threshold,
+        foreach=foreach,
+    )
+    wrapper = RangerOptimWrapper(optimizer)
+    if isinstance(lr, slice):
+        wrapper.set_hyper("lr", lr)
+    return wrapper
+
+
+def _layer_groups(params: Iterable) -> list[dict[str, Any]]:
+    """Normalize a splitter's output to a list of param-group dicts."""
+    params = list(params)
+    if not params:
+        raise ValueError("ranger got an empty parameter list")
+    if isinstance(params[0], dict):
+        return [{**group, "params": list(group["params"])} for group in params]
+    if isinstance(params[0], torch.Tensor):
+        return [{"params": params}]
+    return [{"params": list(group)} for group in params]
+
+
+class RangerOptimWrapper(OptimWrapper):
+    """fastai's `OptimWrapper` around the core `Ranger`, with per-parameter weight decay.
+
+    fastai sees one group per layer group of the splitter (so ``slice`` lrs, ``freeze_to``
+    and schedulers count them as usual) and the hyperparameter names of ``RANGER_HP_MAP``
+    (lr, mom, sqr_mom, eps, wd, k, alpha, gc, ...). Underneath, each layer group is a pair
+    of core groups: one decayed, one with ``weight_decay=0`` holding the params the Learner
+    flagged ``do_wd=False`` in ``opt.state`` (norm layers and biases when
+    ``wd_bn_bias=False``). fastai's plain `OptimWrapper` ignores those flags.
+
+    ``clear_state()`` (called by ``Learner.freeze_to``) empties the core's state in place:
+    moments, step counts and Lookahead slow weights restart, as with fastai's own Ranger.
+    """
+
+    def __init__(self, opt: Ranger) -> None:
+        if not isinstance(opt, LookaheadControls) or len(opt.param_groups) % 2:
+            raise TypeError(
+                "RangerOptimWrapper wraps a core Ranger built with paired groups; use `ranger()`"
+            )
+        super().__init__(opt=opt, hp_map=RANGER_HP_MAP)
+        # The layer groups in the splitter's order; the core pairs are derived from them.
+        self._layer_params = [
+            list(decayed["params"]) + list(exempt["params"]) for decayed, exempt in self._pairs()
+        ]
+
+    def _pairs(self) -> list[tuple[dict, dict]]:
+        groups = self.opt.param_groups
+        return [(groups[i], groups[i + 1]) for i in range(0, len(groups), 2)]
+
+    def _apply_wd_flags(self) -> None:
+        """Put each param in the decayed or the no-decay twin group, per its `do_wd` flag.
+
+        Deterministic (splitter order, stable partition), so a state dict saved by one
+        Learner loads into another with the same flags.
+        """
+        for params, (decayed, exempt) in zip(self._layer_params, self._pairs()):
+            flags = [self.state[p].get("do_wd", True) if p in self.state else True for p in params]
+            wanted_decayed = [p for p, flag in zip(params, flags) if flag]
+            if len(wanted_decayed) == len(decayed["params"]) and all(
+                a is b for a, b in zip(wanted_decayed, decayed["params"])
+            ):
+                continue
+            decayed["params"] = wanted_decayed
+            exempt["params"] = [p for p, flag in zip(params, flags) if not flag]
+
+    @property
+    def param_lists(self) -> list[list[torch.Tensor]]:
+        """The parameters of each layer group, in the splitter's order."""
+        return [list(params) for params in self._layer_params]
+
+    @param_lists.setter
+    def param_lists(self, value: Any) -> None:
+        raise AttributeError("RangerOptimWrapper's layer groups are fixed at construction")
+
+    @property
+    def hypers(self) -> list[dict[str, Any]]:
+        """fastai-named hyperparameters of each layer group (wd is the decayed group's)."""
+        return [
+            {self.fwd_map.get(key, key): value for key, value in detuplify_pg(decayed).items()}
+            for decayed, _ in self._pairs()
+        ]
+
+    def _set_hyper(self, key: str, values: list) -> None:
+        if key not in self.bwd_map:
+            raise KeyError(f"unknown hyperparameter {key!r}; known: {sorted(self.bwd_map)}")
+        torch_key = self.bwd_map[key]
+        # Plain Python numbers, so checkpoints stay loadable with weights_only=True
+        # (fastai's schedulers hand out numpy scalars).
+        values = [value.item() if hasattr(value, "item") else value for value in values]
+        updated = []
+        for (decayed, exempt), value in zip(self._pairs(), values):
+            targets = [decayed] if torch_key == "weight_decay" else [decayed, exempt]
+            for group in targets:
+                new_group = _with_item(group, torch_key, value)
+                _check_hyperparameters(new_group)  # all checked before anything changes
+                updated.append((group, new_group))
+        for group, new_group in updated:
+            group[torch_key.split("__")[0]] = new_group[torch_key.split("__")[0]]
+
+    def freeze_to(self, n: int) -> None:
+        """Freeze the layer groups before `n` (fastai's semantics), and drop their gradients.
+
+        fastai only flips ``requires_grad``; a gradient left over from a step that was
+        cancelled before ``zero_grad`` would then be applied again at every step. Dropping
+        it makes frozen params truly still (and, skipped by the core, free of Lookahead
+        syncs).
+        """
+        super().freeze_to(n)
+        for params in self._layer_params:
+            for param in params:
+                if not param.requires_grad:
+                    param.grad = None
+
+    def clear_state(self) -> None:
+        """Forget moments, step counts and slow weights (in place; flags stay)."""
+        self.opt.state.clear()
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One core `Ranger` step (the closure, if given, is evaluated by the core)."""
+        self._apply_wd_flags()
+        return self.opt.step(closure)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The core optimizer's state dict (tensors and plain Python values only)."""
+        self._apply_wd_flags()
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from `state_dict()`; a mismatched one raises, changing nothing."""
+        self._apply_wd_flags()
+        self.opt.load_state_dict(state_dict)
+
+    def sync_lookahead(self) -> None:
+        """Force a Lookahead sync now (see `Ranger.sync_lookahead`)."""
+        self.opt.sync_lookahead()
+
+    def slow_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager with the slow weights in the model (see `Ranger.slow_weights`)."""
+        return self.opt.slow_weights()
+
+
+def _with_item(group: dict, torch_key: str, value: Any) -> dict:
+    """A copy of `group` with `torch_key` ('lr' or 'betas__1' style) set to `value`."""
+    new_group = dict(group)
+    if "__" in torch_key:
+        name, index = torch_key.split("__")
+        items = list(new_group[name])
+        items[int(index)] = value
+        new_group[name] = tuple(items)
+    else:
+        new_group[torch_key] = value
+    return new_group
+
+
+def _lookahead_optimizer(learn: Any) -> LookaheadControls | None:
+    """The core optimizer behind `learn.opt` (an `OptimWrapper`), if it has Lookahead."""
+    core = getattr(getattr(learn, "opt", None), "opt", None)
+    return core if isinstance(core, LookaheadControls) else None
+
+
+def _has_slow_weights(core: LookaheadControls) -> bool:
+    # The core's `slow_weights()` fails on an optimizer that has not stepped yet (its
+    # foreach copy gets empty lists), so check first.
+    return any("slow_param" in state for state in core.state.values())
+
+
+class LookaheadEvalCallback(Callback):
+    """Validate on Lookahead's slow weights; end ``fit`` on the synced slow weights.
+
+    Add it to a Learner that uses `ranger` (or any `OptimWrapper` around a core `Ranger`
+    or `Lookahead`)::
+
+        learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadEvalCallback())
+
+    * ``before_validate``: the slow weights are put into the model, so the validation loss,
+      metrics, ``learn.validate()``, ``get_preds()`` and ``predict()`` all use them;
+      ``after_validate`` restores the fast weights exactly (a backup copy), so the training
+      trajectory is bitwise the same with or without validation.
+    * ``after_fit``: if the optimizer stepped during this fit, `sync_lookahead()` is called,
+      so the model holds the synced slow weights (``slow + alpha * (fast - slow)``), the
+      ones to export. Pass ``sync_on_fit_end=False`` to keep the fast weights instead.
+      Skipped under ``lr_find`` (which restores the model anyway).
+
+    Params that have not stepped yet have no slow weights and are evaluated as they are.
+    The order (55) puts ``after_fit`` before the trackers' (60), so ``SaveModelCallback``
+    reloading the best model is not overwritten by the sync.
+    """
+
+    order = 55
+    _stateattrs = ("_swap",)
+
+    def __init__(self, sync_on_fit_end: bool = True) -> None:
+        self.sync_on_fit_end = sync_on_fit_end
+        self._stepped = False
+        self._swap: contextlib.ExitStack | None = None
+
+    def before_fit(self) -> None:
+        """Start counting steps; undo a swap left over from an interrupted run."""
+        self._restore_fast_weights()
+        self._stepped = False
+
+    def after_step(self) -> None:
+        """Remember that this fit changed the weights."""
+        self._stepped = True
+
+    def before_validate(self) -> None:
+        """Put the slow weights into the model for validation."""
+        core = _lookahead_optimizer(self.learn)
+        if core is None or self._swap is not None or not _has_slow_weights(core):
+            return
+        swap = contextlib.ExitStack()
+        swap.enter_context(core.slow_weights())
+        self._swap = swap
+
+    def after_validate(self) -> None:
+        """Restore the fast weights."""
+        self._restore_fast_weights()
+
+    def after_fit(self) -> None:
+        """Leave the model on the synced slow weights (unless told otherwise)."""
+        self._restore_fast_weights()
+        core = _lookahead_optimizer(self.learn)
+        stepped, self._stepped = self._stepped, False
+        if (
+            self.sync_on_fit_end
+            and stepped
+            and core is not None
+            and not hasattr(self.learn, "lr_finder")
+        ):
+            core.sync_lookahead()
+
+    def _restore_fast_weights(self) -> None:
+        swap, self._swap = self._swap, None
+        if swap is not None:
+            swap.close()
+
+    def _init_state(self) -> None:
+        # fastcore's `Stateful`: pickling (`learn.export()`) leaves out `_stateattrs`, and
+        # unpickling calls this.
+        self._swap = None

@@ -1,0 +1,567 @@
+"""The fastai adapter with real `Learner`s on CPU: every fastai mechanism, parity with
+fastai's own `ranger`, and `LookaheadEvalCallback`."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from functools import partial
+
+import pytest
+import torch
+
+pytest.importorskip("fastai")
+
+from fastai.callback.core import Callback, CancelFitException, CancelStepException  # noqa: E402
+from fastai.callback.schedule import ParamScheduler, SchedLin  # noqa: E402
+from fastai.callback.training import GradientAccumulation, GradientClip  # noqa: E402
+from fastai.learner import load_learner  # noqa: E402
+from fastai.optimizer import Adam as fastai_adam  # noqa: E402
+from fastai.optimizer import ranger as fastai_ranger  # noqa: E402
+from fastai_helpers import quiet, tiny_learner, weights  # noqa: E402
+
+from ranger_plugins.fastai import (  # noqa: E402
+    LookaheadEvalCallback,
+    RangerOptimWrapper,
+    ranger,
+)
+
+STEPS_PER_EPOCH = 6  # tiny_learner: 48 training samples, bs 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_quiet():
+    # Tiny models: intra-op threads only contend for the shared cores (50x slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        # fastai/torch chatter: load_learner's pickle warning, AMP disabled without CUDA.
+        warnings.simplefilter("ignore")
+        yield
+    torch.set_num_threads(threads)
+
+
+def _max_relative_difference(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, theirs))
+
+
+def _core(learn):
+    return learn.opt.opt
+
+
+class _RecordEachStep(Callback):
+    """Records the core optimizer's hyperparameters right before each step."""
+
+    order = 70
+
+    def before_fit(self):
+        self.groups = []
+
+    def before_step(self):
+        self.groups.append([dict(g, params=None) for g in self.learn.opt.opt.param_groups])
+
+
+class _WeightsAfterTrain(Callback):
+    """Copies the (fast) weights at the end of each training phase."""
+
+    def before_fit(self):
+        self.snapshots = []
+
+    def after_train(self):
+        self.snapshots.append(weights(self.learn))
+
+
+# --- the opt_func ----------------------------------------------------------------------
+
+
+def test_defaults_and_hyperparameter_names_match_fastai_ranger():
+    model = torch.nn.Linear(3, 2)
+    theirs = fastai_ranger(list(model.parameters()), lr=1e-3)
+    ours = ranger(list(model.parameters()), lr=1e-3)
+    assert isinstance(ours, RangerOptimWrapper)
+    for name in ("lr", "mom", "sqr_mom", "eps", "wd"):
+        assert ours.hypers[0][name] == theirs.hypers[0][name], name
+    assert (ours.hypers[0]["k"], ours.hypers[0]["alpha"]) == (theirs.k, theirs.alpha)
+    assert ours.hypers[0]["gc"] is False
+    defaults = inspect.signature(ranger).parameters
+    assert {n: defaults[n].default for n in ("mom", "sqr_mom", "eps", "wd", "k", "alpha")} == {
+        "mom": 0.95,
+        "sqr_mom": 0.99,
+        "eps": 1e-6,
+        "wd": 0.01,
+        "k": 6,
+        "alpha": 0.5,
+    }
+
+
+def test_partial_application_is_how_options_are_bound():
+    learn = tiny_learner(partial(ranger, gc=True, k=4, lr=3e-3))
+    learn.create_opt()
+    groups = _core(learn).param_groups
+    assert all(g["use_gc"] and g["lookahead_k"] == 4 for g in groups)
+    assert learn.lr == 3e-3  # fastai's create_opt reads `lr` out of a partial
+    with pytest.raises(TypeError, match="params"):
+        ranger(gc=True)
+
+
+def test_bad_hyperparameters_raise_value_error_and_change_nothing():
+    params = list(torch.nn.Linear(3, 2).parameters())
+    with pytest.raises(ValueError, match="betas"):
+        ranger(params, mom=1.0)
+    with pytest.raises(ValueError, match="eps"):
+        ranger(params, eps=0.0)
+    opt = ranger(params)
+    with pytest.raises(ValueError, match="betas"):
+        opt.set_hyper("mom", 1.5)
+    with pytest.raises(ValueError, match="lr"):
+        opt.set_hypers(lr=-1.0)
+    assert opt.hypers[0]["mom"] == 0.95 and opt.hypers[0]["lr"] == 1e-3
+
+
+def test_closure_is_evaluated_by_the_core():
+    model = torch.nn.Linear(3, 1)
+    opt = ranger(list(model.parameters()), lr=0.1)
+    x = torch.randn(4, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    before = weights_of(model)
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor)
+    assert all(not torch.equal(a, b) for a, b in zip(before, weights_of(model)))
+
+
+def weights_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- parity with fastai's own ranger ---------------------------------------------------
+
+
+def test_parity_with_fastai_ranger_tiny_eps_float64():
+    """24 steps (4 syncs at k = 6) in a Learner, wd 0.01 with wd_bn_bias=False, eps 1e-12.
+
+    fastai computes m / (sqrt(v / bc2) + eps), we compute m / (sqrt(v) + eps) with
+    sqrt(bc2) folded into the step size: identical maths as eps -> 0. In fp32 a tiny eps
+    makes near-zero second moments amplify rounding, so this runs in fp64.
+    """
+    ours = tiny_learner(partial(ranger, eps=1e-12), dtype=torch.float64)
+    theirs = tiny_learner(partial(fastai_ranger, eps=1e-12), dtype=torch.float64)
+    ours.fit(4, 1e-2)
+    theirs.fit(4, 1e-2)
+    assert {s["step"] for s in _core(ours).state.values()} == {4 * STEPS_PER_EPOCH}
+    assert theirs.opt.count == 4 * STEPS_PER_EPOCH
+    assert _max_relative_difference(weights(ours), weights(theirs)) < 1e-6
+    assert not torch.equal(weights(ours)[0], tiny_learner(ranger).model[0][0].weight.double())
+
+
+def test_parity_with_fastai_ranger_default_eps_loss_curves():
+    """Default eps 1e-6 (fp32): the per-batch training losses agree to 1e-4 relative."""
+    ours = tiny_learner(ranger)
+    theirs = tiny_learner(fastai_ranger)
+    ours.fit(4, 1e-2)
+    theirs.fit(4, 1e-2)
+    ours_losses = torch.stack(ours.recorder.losses)
+    theirs_losses = torch.stack(theirs.recorder.losses)
+    assert len(ours_losses) == 4 * STEPS_PER_EPOCH
+    assert ((ours_losses - theirs_losses).abs() / theirs_losses).max() < 1e-4
+    assert _max_relative_difference(weights(ours), weights(theirs)) < 1e-3
+
+
+# --- schedulers and hyperparameters --------------------------------------------------
+
+
+def test_fit_one_cycle_schedules_lr_and_mom_on_the_core():
+    learn = tiny_learner(ranger)
+    spy = _RecordEachStep()
+    learn.fit_one_cycle(2, 1e-2, cbs=spy)
+    lrs = [groups[0]["lr"] for groups in spy.groups]
+    beta1s = [groups[0]["betas"][0] for groups in spy.groups]
+    assert len(lrs) == 2 * STEPS_PER_EPOCH
+    assert max(lrs) > 5 * min(lrs)
+    assert max(beta1s) - min(beta1s) > 0.05  # moms (0.95, 0.85, 0.95)
+    # What fastai recorded is what the core used, in every core group (both wd twins).
+    assert lrs == pytest.approx(learn.recorder.hps["lr"])
+    assert beta1s == pytest.approx(learn.recorder.hps["mom"])
+    for groups in spy.groups:
+        assert len({(g["lr"], g["betas"]) for g in groups}) == 1
+        assert all(g["betas"][1] == 0.99 and g["lookahead_alpha"] == 0.5 for g in groups)
+
+
+def test_fit_flat_cos_keeps_lr_flat_then_anneals():
+    learn = tiny_learner(ranger)
+    spy = _RecordEachStep()
+    learn.fit_flat_cos(2, 1e-2, pct_start=0.5)
+    learn.fit_flat_cos(2, 1e-2, pct_start=0.5, cbs=spy)
+    lrs = [groups[0]["lr"] for groups in spy.groups]
+    assert lrs[:STEPS_PER_EPOCH] == pytest.approx([1e-2] * STEPS_PER_EPOCH)
+    assert all(a > b for a, b in zip(lrs[STEPS_PER_EPOCH:], lrs[STEPS_PER_EPOCH + 1 :]))
+    assert lrs[-1] < 1e-3
+
+
+def test_scheduling_sqr_mom_never_touches_lookahead_alpha_and_vice_versa():
+    learn = tiny_learner(ranger)
+    spy = _RecordEachStep()
+    learn.fit(1, 1e-2, cbs=[ParamScheduler({"sqr_mom": SchedLin(0.99, 0.9)}), spy])
+    beta2s = [groups[0]["betas"][1] for groups in spy.groups]
+    assert beta2s[0] == pytest.approx(0.99) and beta2s[-1] < 0.92
+    assert all(g["lookahead_alpha"] == 0.5 for groups in spy.groups for g in groups)
+
+    learn.fit(1, 1e-2, cbs=[ParamScheduler({"alpha": SchedLin(0.5, 0.2)}), spy])
+    alphas = [groups[0]["lookahead_alpha"] for groups in spy.groups]
+    assert alphas[0] == pytest.approx(0.5) and alphas[-1] < 0.3
+    last_beta2 = beta2s[-1]
+    assert all(g["betas"][1] == last_beta2 for groups in spy.groups for g in groups)
+    # And the hypers fastai sees are named apart.
+    assert learn.opt.bwd_map["alpha"] == "lookahead_alpha"
+    assert learn.opt.bwd_map["sqr_mom"] == "betas__1"
+
+
+def test_discriminative_learning_rates_with_slice_over_splitter_groups():
+    learn = tiny_learner(ranger)
+    learn.fit(1, slice(1e-4, 1e-2))
+    assert len(learn.opt.hypers) == 2  # the splitter's groups, not the core's four
+    body_decayed, body_exempt, head_decayed, head_exempt = _core(learn).param_groups
+    assert body_decayed["lr"] == body_exempt["lr"] == pytest.approx(1e-4)
+    assert head_decayed["lr"] == head_exempt["lr"] == pytest.approx(1e-2)
+
+
+# --- freezing ---------------------------------------------------------------------------
+
+
+def test_freeze_then_unfreeze_frozen_params_do_not_move():
+    learn = tiny_learner(ranger)
+    learn.fit(1, 1e-2)  # state exists before freezing
+    learn.freeze()
+    assert len(_core(learn).state) == 0  # Learner.freeze_to -> opt.clear_state()
+    conv, bn = learn.model[0][0], learn.model[0][1]
+    frozen = [conv.weight.detach().clone(), conv.bias.detach().clone()]
+    bn_before = bn.weight.detach().clone()
+    head_before = weights_of(learn.model[1])
+    learn.fit(2, 1e-2)
+    assert torch.equal(conv.weight, frozen[0]) and torch.equal(conv.bias, frozen[1])
+    assert conv.weight not in _core(learn).state
+    assert not torch.equal(bn.weight, bn_before)  # train_bn=True keeps norm layers training
+    assert all(not torch.equal(a, b) for a, b in zip(head_before, weights_of(learn.model[1])))
+
+    learn.unfreeze()
+    learn.fit(1, 1e-2)
+    assert not torch.equal(conv.weight, frozen[0])
+
+
+def test_frozen_params_do_not_drift_through_lookahead_even_with_old_slow_weights():
+    """`opt.freeze_to` without clearing the state: the conv weight has slow weights far
+    from its fast weights, and still does not move when later syncs happen."""
+    learn = tiny_learner(ranger)
+    learn.fit(1, 1e-2, cbs=[])  # 6 steps
+    learn.fit(1, 1e-2)  # 12 steps; then 4 more below so slow != fast
+    core = _core(learn)
+    learn.fit(1, 1e-2, cbs=_StopAfter(4))
+    conv = learn.model[0][0].weight
+    assert not torch.equal(core.state[conv]["slow_param"], conv)
+    conv.grad = torch.ones_like(conv)  # as if a step had been cancelled before zero_grad
+    learn.opt.freeze_to(1)  # fastai's OptimWrapper-level freeze: state kept
+    assert conv.grad is None  # else the stale gradient would be applied at every step
+    before = conv.detach().clone()
+    learn.fit(2, 1e-2)  # passes several sync points of the other params
+    assert torch.equal(conv, before)
+    assert core.state[conv]["step"] == 16
+
+
+class _StopAfter(Callback):
+    """Ends the fit after `n_steps` optimizer steps (after `zero_grad`, as LRFinder does)."""
+
+    def __init__(self, n_steps):
+        self.n_steps = n_steps
+
+    def after_step(self):
+        self.n_steps -= 1
+
+    def after_batch(self):
+        if self.n_steps == 0:
+            raise CancelFitException()
+
+
+def test_clear_state_empties_the_core_state_in_place():
+    learn = tiny_learner(ranger)
+    learn.fit(1, 1e-2)
+    state = _core(learn).state
+    assert len(state) > 0
+    learn.opt.clear_state()
+    assert _core(learn).state is state and len(state) == 0
+    learn.fit(1, 1e-2)  # restarts cleanly: step counts from 1 again
+    assert {s["step"] for s in state.values()} == {STEPS_PER_EPOCH}
+
+
+# --- weight decay on norm layers and biases ---------------------------------------------
+
+
+def _decay_only_step(learn, lr=0.1, wd=0.5):
+    """With zero gradients Ranger's update is zero, so only weight decay moves params.
+    Returns {name: (before, after)} and the decay factor 1 - lr * wd."""
+    learn.create_opt()
+    learn.opt.set_hypers(lr=lr, wd=wd)
+    for p in learn.model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {name: p.detach().clone() for name, p in learn.model.named_parameters()}
+    learn.opt.step()
+    after = dict(learn.model.named_parameters())
+    return {name: (before[name], after[name].detach()) for name in before}, 1 - lr * wd
+
+
+def test_wd_bn_bias_false_default_decays_conv_weight_but_not_bn_or_biases():
+    learn = tiny_learner(ranger)
+    assert learn.wd_bn_bias is False
+    moved, decay = _decay_only_step(learn)
+    for name in ("0.0.weight", "1.0.weight", "1.2.weight"):  # conv and linear weights
+        before, after = moved[name]
+        assert torch.allclose(after, before * decay), name
+    for name in ("0.1.weight", "0.1.bias", "0.0.bias", "1.0.bias", "1.2.bias"):
+        before, after = moved[name]  # BatchNorm weight and bias, biases
+        assert torch.equal(after, before), name
+    assert [g["weight_decay"] for g in _core(learn).param_groups] == [0.5, 0.0, 0.5, 0.0]
+
+
+def test_wd_bn_bias_true_decays_everything():
+    learn = tiny_learner(ranger, wd_bn_bias=True)
+    moved, decay = _decay_only_step(learn)
+    for name, (before, after) in moved.items():
+        assert torch.allclose(after, before * decay), name
+        assert not torch.equal(after, before) or not before.any(), name
+
+
+def test_learner_wd_argument_is_applied_to_decayed_groups_only():
+    learn = tiny_learner(ranger, wd=0.1)
+    learn.fit(1, 1e-3)
+    assert [g["weight_decay"] for g in _core(learn).param_groups] == [0.1, 0.0, 0.1, 0.0]
+    assert learn.opt.hypers[0]["wd"] == 0.1
+
+
+# --- lr_find, save/load, export ----------------------------------------------------------
+
+
+def test_lr_find_leaves_weights_and_optimizer_state_as_they_were(tmp_path):
+    learn = tiny_learner(ranger, path=tmp_path, cbs=LookaheadEvalCallback())
+    learn.fit(1, 1e-2, cbs=_StopAfter(4))
+    before_weights = weights(learn)
+    before_state = {
+        id(p): {k: _clone(v) for k, v in s.items()} for p, s in _core(learn).state.items()
+    }
+    by_id = {id(p): p for p in learn.model.parameters()}
+    learn.lr_find(num_it=12, show_plot=False)
+    assert all(torch.equal(a, b) for a, b in zip(before_weights, weights(learn)))
+    state = _core(learn).state
+    assert len(state) == len(before_state)
+    for param_id, saved in before_state.items():
+        for key, value in saved.items():
+            assert _equal(state[by_id[param_id]][key], value), key
+
+
+def _clone(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _equal(a, b):
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_save_with_opt_then_load_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    uninterrupted = tiny_learner(ranger, path=tmp_path)
+    uninterrupted.fit(1, 1e-2, cbs=_StopAfter(4))
+    uninterrupted.fit(1, 1e-2)
+
+    first = tiny_learner(ranger, path=tmp_path)
+    first.fit(1, 1e-2, cbs=_StopAfter(4))
+    file = first.save("checkpoint", with_opt=True)
+    # Plain tensors and Python values only (fastai's schedulers hand out numpy scalars).
+    saved = torch.load(file, weights_only=True)
+    assert saved["opt"]["state"]
+
+    resumed = tiny_learner(ranger, path=tmp_path, seed=1)
+    resumed.load("checkpoint", with_opt=True)
+    resumed.fit(1, 1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(weights(uninterrupted), weights(resumed)))
+    # The sync schedule carried over: 4 + 6 = 10 steps per param.
+    assert {s["step"] for s in _core(resumed).state.values()} == {10}
+
+
+def test_checkpoint_after_one_cycle_loads_with_weights_only(tmp_path):
+    learn = tiny_learner(ranger, path=tmp_path)
+    learn.fit_one_cycle(1, 1e-2)
+    saved = torch.load(learn.save("cycled", with_opt=True), weights_only=True)
+    assert all(type(b) is float for g in saved["opt"]["param_groups"] for b in g["betas"])
+
+
+def test_export_then_load_learner(tmp_path):
+    learn = tiny_learner(partial(ranger, gc=True), path=tmp_path, cbs=LookaheadEvalCallback())
+    learn.fit(1, 1e-2, cbs=_StopAfter(4))
+    learn.export("exported.pkl")
+    assert _core(learn).state  # export restores the optimizer state afterwards
+    loaded = quiet(load_learner(tmp_path / "exported.pkl"))
+    assert loaded.opt is None
+    assert loaded.opt_func.func is ranger and loaded.opt_func.keywords["gc"] is True
+    assert any(isinstance(cb, LookaheadEvalCallback) for cb in loaded.cbs)
+    x = torch.randn(5, 2, 6, 6)
+    learn.model.eval()
+    loaded.model.eval()
+    with torch.no_grad():
+        assert torch.equal(learn.model(x), loaded.model(x))
+    loaded.dls = learn.dls
+    loaded.fit(1, 1e-2)  # a new optimizer from the pickled opt_func
+    assert isinstance(loaded.opt, RangerOptimWrapper)
+    assert all(g["use_gc"] for g in _core(loaded).param_groups)
+
+
+# --- mixed precision, gradient accumulation and clipping --------------------------------
+
+
+@pytest.mark.parametrize("precision", ["to_fp16", "to_bf16"])
+def test_fastai_mixed_precision_callbacks_run_on_cpu(precision):
+    """fastai's MixedPrecision hard-codes CUDA autocast and GradScaler; without CUDA both
+    disable themselves, so on CPU the run is the fp32 run, step for step."""
+    plain = tiny_learner(ranger)
+    plain.fit(1, 1e-2)
+    mixed = getattr(tiny_learner(ranger), precision)()
+    mixed.fit(1, 1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(weights(plain), weights(mixed)))
+    assert {s["step"] for s in _core(mixed).state.values()} == {STEPS_PER_EPOCH}
+
+
+def test_bf16_model_trains_with_fp32_optimizer_state():
+    learn = tiny_learner(ranger, dtype=torch.bfloat16)
+    before = weights(learn)
+    learn.fit(1, 1e-2)
+    for p in learn.model.parameters():
+        state = _core(learn).state[p]
+        assert p.dtype == torch.bfloat16
+        assert state["exp_avg"].dtype == state["slow_param"].dtype == torch.float32
+    # Pure bf16 weights round away updates below half an ulp (the BatchNorm weight at 1.0
+    # stays put in 6 steps at lr 1e-2); the head's weights move.
+    after = weights(learn)
+    assert not torch.equal(before[-2], after[-2]) and not torch.equal(before[-1], after[-1])
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+
+class _SkipEveryStep(Callback):
+    """What MixedPrecision does when GradScaler finds inf/nan gradients."""
+
+    order = 20
+
+    def before_step(self):
+        raise CancelStepException()
+
+
+def test_a_cancelled_step_changes_nothing_in_the_optimizer():
+    learn = tiny_learner(ranger, cbs=LookaheadEvalCallback())
+    before = weights(learn)
+    learn.fit(1, 1e-2, cbs=_SkipEveryStep())
+    assert len(_core(learn).state) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(learn)))
+
+
+def test_gradient_accumulation_of_two_batches_matches_batches_twice_as_large():
+    # No BatchNorm: its batch statistics would differ between 8 and 16 samples.
+    accumulated = tiny_learner(ranger, batchnorm=False, cbs=GradientAccumulation(n_acc=16))
+    accumulated.fit(2, 1e-2)
+    large = tiny_learner(ranger, batchnorm=False, bs=16)
+    large.fit(2, 1e-2)
+    assert {s["step"] for s in _core(accumulated).state.values()} == {STEPS_PER_EPOCH}
+    assert _max_relative_difference(weights(accumulated), weights(large)) < 1e-5
+
+
+class _GradNormBeforeStep(Callback):
+    order = GradientClip.order + 1
+
+    def before_fit(self):
+        self.norms = []
+
+    def before_step(self):
+        grads = [p.grad for p in self.learn.model.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
+def test_gradient_clip_clips_what_the_optimizer_sees():
+    learn = tiny_learner(ranger, cbs=GradientClip(max_norm=1e-3))
+    spy = _GradNormBeforeStep()
+    learn.fit(1, 1e-2, cbs=spy)
+    assert len(spy.norms) == STEPS_PER_EPOCH
+    assert max(spy.norms) <= 1e-3 * (1 + 1e-4)
+    unclipped = tiny_learner(ranger)
+    unclipped.fit(1, 1e-2)
+    assert not torch.equal(weights(learn)[0], weights(unclipped)[0])
+
+
+# --- LookaheadEvalCallback -----------------------------------------------------------------
+
+
+def _loss_on(learn, dl) -> float:
+    """The size-weighted mean validation loss, as fastai's Recorder computes it."""
+    learn.model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in dl:
+            total += learn.loss_func(learn.model(x), y).item() * len(y)
+            count += len(y)
+    return total / count
+
+
+def test_validation_uses_slow_weights_and_training_is_bitwise_unchanged():
+    """k = 4 with 6 steps per epoch: at every validation slow != fast."""
+    with_callback = tiny_learner(
+        partial(ranger, k=4), cbs=LookaheadEvalCallback(sync_on_fit_end=False)
+    )
+    plain = tiny_learner(partial(ranger, k=4))
+    spies = _WeightsAfterTrain(), _WeightsAfterTrain()
+    with_callback.fit(3, 1e-2, cbs=spies[0])
+    plain.fit(3, 1e-2, cbs=spies[1])
+    for ours, theirs in zip(*(spy.snapshots for spy in spies)):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(weights(with_callback), weights(plain)))
+
+    core = _core(with_callback)
+    valid = with_callback.dls.valid
+    fast_loss = _loss_on(with_callback, valid)
+    with core.slow_weights():
+        slow_loss = _loss_on(with_callback, valid)
+    recorded = with_callback.recorder.values[-1][1]
+    assert recorded == pytest.approx(slow_loss, rel=1e-6)
+    assert recorded != pytest.approx(fast_loss, rel=1e-4)
+    assert plain.recorder.values[-1][1] == pytest.approx(fast_loss, rel=1e-6)
+
+
+def test_model_holds_the_synced_slow_weights_after_fit():
+    with_callback = tiny_learner(partial(ranger, k=4), cbs=LookaheadEvalCallback())
+    plain = tiny_learner(partial(ranger, k=4))
+    with_callback.fit(1, 1e-2)
+    plain.fit(1, 1e-2)
+    plain.opt.sync_lookahead()  # what the callback should have done, done by hand
+    assert all(torch.equal(a, b) for a, b in zip(weights(with_callback), weights(plain)))
+    for p in with_callback.model.parameters():
+        assert torch.equal(_core(with_callback).state[p]["slow_param"], p)
+
+
+def test_validate_and_get_preds_after_fit_use_slow_weights_and_do_not_sync():
+    learn = tiny_learner(partial(ranger, k=4), cbs=LookaheadEvalCallback(sync_on_fit_end=False))
+    learn.fit(1, 1e-2)
+    fast = weights(learn)
+    with _core(learn).slow_weights():
+        slow_loss = _loss_on(learn, learn.dls.valid)
+        learn.model.eval()
+        with torch.no_grad():
+            slow_logits = torch.cat([learn.model(x) for x, _ in learn.dls.valid])
+    assert learn.validate()[0] == pytest.approx(slow_loss, rel=1e-6)
+    preds, _ = learn.get_preds()
+    assert torch.allclose(preds, slow_logits, atol=1e-6)  # our loss has no activation
+    assert all(torch.equal(a, b) for a, b in zip(fast, weights(learn)))  # no sync, no swap left
+
+
+def test_callback_is_inert_without_a_lookahead_optimizer():
+    learn = tiny_learner(fastai_adam, cbs=LookaheadEvalCallback())
+    learn.fit(1, 1e-2)
+    plain = tiny_learner(fastai_adam)
+    plain.fit(1, 1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(weights(learn), weights(plain)))
