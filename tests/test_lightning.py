@@ -1,0 +1,537 @@
+"""Lightning adapter: `ranger_optimizers` and `LookaheadCallback`."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import warnings
+
+import lightning.pytorch as lp
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ranger_plugins import Ranger
+from ranger_plugins.lightning import (
+    FAST_STATE_KEY,
+    LookaheadCallback,
+    no_decay_param_groups,
+    ranger_optimizers,
+)
+from ranger_plugins.schedules import FlatCosineLR, OneCycleCosineLR
+
+TRAIN = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+VALID = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+BATCH = 8  # 8 optimizer steps per epoch
+
+
+def _fastai_combined_cos():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastai.callback.schedule import combined_cos
+    return combined_cos
+
+
+def _make_model_class(base):
+    class RangerModel(base):
+        """BoringModel with two layers, fixed data, Ranger, and checks in validation."""
+
+        def __init__(
+            self,
+            k: int = 6,
+            schedule: str = "flat_cos",
+            manual: bool = False,
+            lr: float = 2e-2,
+        ) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.layer = nn.Sequential(nn.Linear(32, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+            self.automatic_optimization = not manual
+            self.validated_on_slow_weights: list[bool] = []
+            self.lrs: list[float] = []
+
+        def configure_optimizers(self):
+            return ranger_optimizers(
+                self, lr=self.hparams.lr, schedule=self.hparams.schedule, k=self.hparams.k
+            )
+
+        def training_step(self, batch, batch_idx):
+            if self.automatic_optimization:
+                self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+                return super().training_step(batch, batch_idx)
+            optimizer = self.optimizers()
+            scheduler = self.lr_schedulers()
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.zero_grad()
+            loss = self.step(batch)
+            self.manual_backward(loss)
+            optimizer.step()
+            scheduler.step()
+            return {"loss": loss}
+
+        def validation_step(self, batch, batch_idx):
+            if self.trainer.state.fn == "fit":
+                optimizer = self.trainer.optimizers[0]
+                self.validated_on_slow_weights.append(
+                    all(
+                        torch.equal(p, optimizer.state[p]["slow_param"].to(p.dtype))
+                        for p in self.parameters()
+                        if "slow_param" in optimizer.state[p]
+                    )
+                    and len(optimizer.state) > 0
+                )
+            loss = self.step(batch)
+            self.log("val_loss", loss)
+            return {"x": loss}
+
+        def train_dataloader(self):
+            return DataLoader(TRAIN, batch_size=BATCH)
+
+        def val_dataloader(self):
+            return DataLoader(VALID, batch_size=BATCH)
+
+        def test_dataloader(self):
+            return DataLoader(VALID, batch_size=BATCH)
+
+    return RangerModel
+
+
+RangerModel = _make_model_class(BoringModel)
+
+
+def _trainer(tmp_path=None, callbacks=(), checkpointing=False, lookahead=True, **kwargs):
+    kwargs.setdefault("max_epochs", 2)
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    callbacks = list(callbacks) + ([LookaheadCallback()] if lookahead else [])
+    return lp.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpointing,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_bitwise(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _optimizer_state(optimizer):
+    return copy.deepcopy(optimizer.state_dict()["state"])
+
+
+def _assert_same_state(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        for name, value in first[key].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, second[key][name]), name
+            else:
+                assert value == second[key][name], name
+
+
+# -- ranger_optimizers ----------------------------------------------------------------------
+
+
+def test_no_decay_groups_hold_biases_and_norm_layers():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4, 4, bias=False),
+        nn.LayerNorm(4),
+        nn.Linear(4, 2),
+    )
+    model.append(model[5])  # a shared module: its params must appear once
+    decay, no_decay = no_decay_param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(decay["params"]) == ids([model[0].weight, model[3].weight, model[5].weight])
+    assert ids(no_decay["params"]) == ids(
+        [model[0].bias, model[1].weight, model[1].bias, model[4].weight, model[4].bias]
+        + [model[5].bias]
+    )
+    (single,) = no_decay_param_groups(model, 0.1, exclude_bias_and_norm=False)
+    assert len(single["params"]) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="weight_decay"):
+        no_decay_param_groups(model, -1.0)
+
+
+def test_ranger_optimizers_returns_lightning_dict_with_ranger_and_step_scheduler():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    config = ranger_optimizers(model, lr=1e-2, total_steps=10, weight_decay=0.05, k=5)
+    optimizer = config["optimizer"]
+    assert isinstance(optimizer, Ranger)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    assert all(g["lookahead_k"] == 5 and g["lr"] == 1e-2 for g in optimizer.param_groups)
+    scheduler_config = config["lr_scheduler"]
+    assert scheduler_config["interval"] == "step" and scheduler_config["frequency"] == 1
+    scheduler = scheduler_config["scheduler"]
+    assert isinstance(scheduler, FlatCosineLR) and scheduler.optimizer is optimizer
+    assert scheduler.total_steps == 10 and scheduler.pct_start == 0.75
+    one_cycle = ranger_optimizers(model, schedule="one_cycle", total_steps=10)["lr_scheduler"]
+    assert isinstance(one_cycle["scheduler"], OneCycleCosineLR)
+    assert one_cycle["scheduler"].pct_start == 0.25
+    constant = ranger_optimizers(model, schedule="constant")  # needs no step count
+    assert set(constant) == {"optimizer"}
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"schedule": "cosine", "total_steps": 3}, "schedule"),
+        ({"total_steps": 0}, "total_steps"),
+        ({}, "total_steps"),  # not attached to a Trainer and no total_steps
+        ({"total_steps": 3, "weight_decay": -0.1}, "weight_decay"),
+    ],
+)
+def test_ranger_optimizers_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ranger_optimizers(RangerModel(), **kwargs)
+
+
+def test_schedule_in_fit_follows_fastai_with_estimated_stepping_batches():
+    combined_cos = _fastai_combined_cos()
+    model = RangerModel(lr=1e-2)
+    trainer = _trainer(max_epochs=3, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(model)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    total = trainer.estimated_stepping_batches
+    assert scheduler.total_steps == total == 12  # 3 epochs x 8 batches / 2
+    assert trainer.global_step == scheduler.last_epoch == 12
+    # The lr seen in each training_step: per optimizer step (two batches each).
+    per_step = model.lrs[::2]
+    assert model.lrs[1::2] == per_step
+    expected = [combined_cos(0.75, 1e-2, 1e-2, 1e-7)(i / total) for i in range(total)]
+    assert per_step == pytest.approx(expected, rel=2e-6)
+
+
+# -- LookaheadCallback: evaluation on slow weights, identical training --------------------
+
+CONFIGS = {
+    "automatic": {},
+    "manual": {"model": {"manual": True}},
+    "accumulate": {"trainer": {"accumulate_grad_batches": 3}},
+    "clip": {"trainer": {"gradient_clip_val": 0.05}},
+    "bf16-mixed": {"trainer": {"precision": "bf16-mixed"}},
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_validation_runs_on_slow_weights_and_training_is_unchanged(config):
+    model_kwargs = CONFIGS[config].get("model", {})
+    trainer_kwargs = CONFIGS[config].get("trainer", {})
+    torch.manual_seed(0)
+    validated = RangerModel(k=5, **model_kwargs)
+    trainer = _trainer(val_check_interval=3, **trainer_kwargs)
+    trainer.fit(validated)
+    # Validated after batches 3 and 6 of each epoch (2 val batches), on the slow weights;
+    # with accumulation, also between the batches of an optimizer step.
+    assert len(validated.validated_on_slow_weights) == 2 * 2 * 2
+    assert all(validated.validated_on_slow_weights)
+    validated_optimizer_state = _optimizer_state(trainer.optimizers[0])
+
+    torch.manual_seed(0)
+    plain = RangerModel(k=5, **model_kwargs)
+    plain_trainer = _trainer(limit_val_batches=0, **trainer_kwargs)
+    plain_trainer.fit(plain)
+    assert plain.validated_on_slow_weights == []
+    _assert_bitwise(_params(validated), _params(plain))
+    _assert_same_state(validated_optimizer_state, _optimizer_state(plain_trainer.optimizers[0]))
+    assert validated.lrs == plain.lrs
+
+
+def test_training_matches_a_plain_torch_loop_and_ends_on_the_synced_slow_weights():
+    torch.manual_seed(0)
+    model = RangerModel(k=5)
+    reference = copy.deepcopy(model)
+    trainer = _trainer(max_epochs=2)
+    trainer.fit(model)
+
+    config = ranger_optimizers(reference, lr=2e-2, k=5, total_steps=16)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for _ in range(2):
+        for batch in DataLoader(TRAIN, batch_size=BATCH):
+            optimizer.zero_grad()
+            reference.step(batch).backward()
+            optimizer.step()
+            scheduler.step()
+    # 16 steps, k = 5: the last sync was at step 15; the callback syncs once more at the end.
+    fast = _params(reference)
+    slow = [optimizer.state[p]["slow_param"].clone() for p in reference.parameters()]
+    expected = [torch.lerp(s, f, 0.5) for s, f in zip(slow, fast)]
+    assert not all(torch.equal(s, f) for s, f in zip(slow, fast))
+    _assert_bitwise(_params(model), expected)
+    model_optimizer = trainer.optimizers[0]
+    _assert_bitwise([model_optimizer.state[p]["slow_param"] for p in model.parameters()], expected)
+
+
+def test_without_final_sync_the_model_keeps_fast_weights():
+    torch.manual_seed(0)
+    model = RangerModel(k=5)
+    trainer = _trainer(max_epochs=2, lookahead=False)
+    trainer.callbacks.append(LookaheadCallback(sync_on_train_end=False))
+    trainer.fit(model)
+    optimizer = trainer.optimizers[0]
+    assert not all(torch.equal(p, optimizer.state[p]["slow_param"]) for p in model.parameters())
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def test_checkpoint_holds_slow_weights_and_monitors_see_slow_metrics(tmp_path):
+    torch.manual_seed(0)
+    model = RangerModel(k=5)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    stopper = EarlyStopping(monitor="val_loss", patience=100)
+    slow_at_save = {}
+
+    class RecordSlowWeights(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            slow_at_save[trainer.current_epoch] = {
+                name: optimizer.state[p]["slow_param"].clone()
+                for name, p in pl_module.named_parameters()
+            }
+
+    trainer = _trainer(
+        tmp_path, callbacks=[RecordSlowWeights(), checkpoint, stopper], checkpointing=True
+    )
+    trainer.fit(model)
+    assert all(model.validated_on_slow_weights)
+    saved = torch.load(checkpoint.best_model_path, weights_only=True)
+    best_epoch = saved["epoch"]
+    # state_dict = the slow weights validation used; the fast weights beside them.
+    for name, value in saved["state_dict"].items():
+        assert torch.equal(value, slow_at_save[best_epoch][name])
+    assert saved[FAST_STATE_KEY].keys() == saved["state_dict"].keys()
+    assert any(
+        not torch.equal(saved[FAST_STATE_KEY][n], saved["state_dict"][n])
+        for n in saved["state_dict"]
+    )
+    assert saved["callbacks"]["LookaheadCallback"]["sync_on_train_end"] is True
+    # load_from_checkpoint gives the evaluated model: its val_loss is the monitored score.
+    loaded = RangerModel.load_from_checkpoint(checkpoint.best_model_path)
+    with torch.no_grad():
+        val_loss = torch.stack([loaded.step(b) for b in DataLoader(VALID, batch_size=BATCH)])
+    assert val_loss.mean().item() == pytest.approx(checkpoint.best_model_score.item(), rel=1e-6)
+    assert stopper.best_score.item() == pytest.approx(checkpoint.best_model_score.item())
+    # trainer.validate on the checkpoint evaluates exactly those weights.
+    (metrics,) = _trainer().validate(RangerModel(), ckpt_path=checkpoint.best_model_path)
+    assert metrics["val_loss"] == pytest.approx(checkpoint.best_model_score.item(), rel=1e-6)
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class CrashAt(Callback):
+    """Simulate a crash at the start of the given optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"crash at step {self.step}")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_resume_after_crash_matches_uninterrupted_run_bitwise(tmp_path, precision):
+    k, epochs = 6, 3  # 24 steps; the crash after step 8 is between syncs (6 and 12)
+    torch.manual_seed(0)
+    uninterrupted = RangerModel(k=k)
+    full_trainer = _trainer(max_epochs=epochs, precision=precision)
+    full_trainer.fit(uninterrupted)
+
+    torch.manual_seed(0)
+    crashed = RangerModel(k=k)
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    crash_trainer = _trainer(
+        tmp_path,
+        callbacks=[last, CrashAt(step=10)],
+        checkpointing=True,
+        max_epochs=epochs,
+        precision=precision,
+    )
+    with pytest.raises(SimulatedCrash):
+        crash_trainer.fit(crashed)  # interrupted during epoch 1; last.ckpt is from step 8
+    assert crash_trainer.global_step == 10
+    assert torch.load(last.last_model_path, weights_only=True)["global_step"] == 8
+
+    torch.manual_seed(1)  # a different init: everything must come from the checkpoint
+    resumed = RangerModel(k=k)
+    resume_trainer = _trainer(max_epochs=epochs, precision=precision)
+    resume_trainer.fit(resumed, ckpt_path=last.last_model_path)
+    assert resume_trainer.global_step == full_trainer.global_step == 24
+    _assert_bitwise(_params(resumed), _params(uninterrupted))
+    _assert_same_state(
+        _optimizer_state(resume_trainer.optimizers[0]),
+        _optimizer_state(full_trainer.optimizers[0]),
+    )
+    assert resumed.lrs == uninterrupted.lrs[8:]
+    assert all(resumed.validated_on_slow_weights)
+
+
+def test_resume_without_the_callback_warns(tmp_path):
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(RangerModel())
+    path = tmp_path / "lookahead.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.warns(UserWarning, match="LookaheadCallback"):
+        _trainer(max_epochs=2, lookahead=False).fit(RangerModel(), ckpt_path=path)
+
+
+def test_resume_from_a_checkpoint_without_fast_weights_warns(tmp_path):
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, max_epochs=1, lookahead=False)
+    trainer.fit(RangerModel())
+    path = tmp_path / "plain.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.warns(UserWarning, match="no Lookahead fast weights"):
+        _trainer(max_epochs=2).fit(RangerModel(), ckpt_path=path)
+
+
+def test_callback_without_lookahead_optimizer_warns():
+    class AdamModel(RangerModel):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters())
+
+    with pytest.warns(UserWarning, match="no optimizer with Lookahead"):
+        _trainer(max_epochs=1, limit_train_batches=2).fit(AdamModel())
+
+
+# -- fp16 AMP with GradScaler on CPU ----------------------------------------------------------
+
+
+def test_fp16_gradscaler_skip_leaves_optimizer_lookahead_and_schedule_untouched():
+    skip_step = 7  # optimizer step index (0-based) whose gradients are made inf
+    snapshots = {}
+
+    class InjectInf(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == skip_step:
+                optimizer = trainer.optimizers[0]
+                scheduler = trainer.lr_scheduler_configs[0].scheduler
+                snapshots["before"] = (
+                    _optimizer_state(optimizer),
+                    _params(pl_module),
+                    [g["lr"] for g in optimizer.param_groups],
+                    scheduler.last_epoch,
+                )
+
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == skip_step:
+                pl_module.layer[0].weight.grad[0, 0] = float("inf")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == skip_step + 1:  # Lightning counted the skipped step
+                optimizer = trainer.optimizers[0]
+                scheduler = trainer.lr_scheduler_configs[0].scheduler
+                snapshots["after"] = (
+                    _optimizer_state(optimizer),
+                    _params(pl_module),
+                    [g["lr"] for g in optimizer.param_groups],
+                    scheduler.last_epoch,
+                )
+
+    torch.manual_seed(0)
+    model = RangerModel(k=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer = _trainer(
+        max_epochs=2,
+        callbacks=[InjectInf()],
+        plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)],
+    )
+    trainer.fit(model)
+    assert isinstance(trainer.precision_plugin, MixedPrecision)
+    assert trainer.precision_plugin.scaler is scaler
+    state_before, params_before, lrs_before, position_before = snapshots["before"]
+    state_after, params_after, lrs_after, position_after = snapshots["after"]
+    _assert_same_state(state_before, state_after)  # moments, slow weights, step counts
+    assert {s["step"] for s in state_after.values()} == {skip_step}  # Lookahead counter
+    _assert_bitwise(params_before, params_after)
+    assert lrs_before == lrs_after and position_before == position_after == skip_step
+    # Lightning took 16 "steps"; the optimizer and the schedule saw 15.
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == 16 and scheduler.last_epoch == scheduler.optimizer_steps == 15
+    assert {s["step"] for s in trainer.optimizers[0].state.values()} == {15}
+    assert all(model.validated_on_slow_weights)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- LightningCLI and the pytorch_lightning package ------------------------------------------
+
+
+def test_lightning_cli_with_ranger_optimizer_and_callback(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    class CLIModel(RangerModel):
+        configure_optimizers = BoringModel.configure_optimizers  # let the CLI choose
+
+    cli = LightningCLI(
+        CLIModel,
+        args=[
+            "--optimizer=ranger_plugins.Ranger",
+            "--optimizer.lr=0.01",
+            "--optimizer.k=3",
+            "--optimizer.betas=[0.9, 0.99]",
+            "--trainer.callbacks=ranger_plugins.lightning.LookaheadCallback",
+            "--trainer.max_steps=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+        save_config_kwargs={"overwrite": True},
+    )
+    cli.trainer.fit(cli.model)
+    (optimizer,) = cli.trainer.optimizers
+    assert isinstance(optimizer, Ranger)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.01 and group["lookahead_k"] == 3 and group["betas"] == (0.9, 0.99)
+    assert {s["step"] for s in optimizer.state.values()} == {4}
+    assert any(isinstance(cb, LookaheadCallback) for cb in cli.trainer.callbacks)
+    assert all(cli.model.validated_on_slow_weights)
+
+
+def test_pytorch_lightning_package_accepts_the_callback():
+    pl = importlib.import_module("pytorch_lightning")
+    from pytorch_lightning.demos.boring_classes import BoringModel as PLBoringModel
+
+    assert isinstance(LookaheadCallback(), pl.Callback)
+    assert isinstance(LookaheadCallback(), lp.Callback)
+    model = _make_model_class(PLBoringModel)(k=3)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[LookaheadCallback()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        val_check_interval=4,
+    )
+    trainer.fit(model)
+    assert len(model.validated_on_slow_weights) == 2 * 2
+    assert all(model.validated_on_slow_weights)
+    optimizer = trainer.optimizers[0]
+    assert all(torch.equal(p, optimizer.state[p]["slow_param"]) for p in model.parameters())
