@@ -190,6 +190,8 @@ class Ranger(LookaheadControls, Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
+            # torch allows a tensor lr (schedulers fill it in place); step sizes are floats.
+            lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
             ranger(
                 params,
                 grads,
@@ -197,7 +199,7 @@ class Ranger(LookaheadControls, Optimizer):
                 exp_avg_sqs,
                 slow_params,
                 steps,
-                lr=group["lr"],
+                lr=lr,
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],

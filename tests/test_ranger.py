@@ -245,7 +245,6 @@ def test_hyperparameters_are_read_from_the_group_at_each_step():
     run(optimizer, params, 3)
     run(reference, twins, 3)
     optimizer.param_groups[0]["lookahead_k"] = 4  # step 4 now syncs
-    optimizer.param_groups[0]["eps"] = 1e-2
     set_grads(params, 3)
     optimizer.step()
     set_grads(twins, 3)
@@ -324,6 +323,43 @@ def test_complex_params_raise_before_any_change():
     with pytest.raises(RuntimeError, match="complex"):
         optimizer.step()
     assert torch.equal(real, before) and not optimizer.state
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_tensor_lr_matches_float_lr(foreach):
+    """torch optimizers accept a tensor lr; it must drive both paths like a float."""
+    params = make_params()
+    twins = clone_params(params)
+    lr = torch.tensor(0.01, dtype=torch.float64)  # a float32 tensor would round 0.01
+    optimizer = Ranger(params, lr=lr, weight_decay=0.1, foreach=foreach)
+    reference = Ranger(twins, lr=0.01, weight_decay=0.1, foreach=foreach)
+    run(optimizer, params, 13)
+    run(reference, twins, 13)
+    assert_same_state(optimizer, params, reference, twins)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_zero_gradients_leave_params_unchanged(foreach):
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    optimizer = Ranger(params, lr=0.1, foreach=foreach)
+    for _ in range(13):
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert optimizer.state[params[0]]["step"] == 13
+
+
+def test_step_hooks_fire_once_per_step():
+    params = make_params()
+    optimizer = Ranger(params)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    run(optimizer, params, 2)
+    assert calls == ["pre", "post", "pre", "post"]
+    assert "Ranger" in repr(optimizer) and "lookahead_k" in repr(optimizer)
 
 
 # ---------------------------------------------------------------------------- checkpoints
