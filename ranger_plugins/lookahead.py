@@ -23,7 +23,9 @@ __all__ = ["Lookahead", "LookaheadControls"]
 
 def _copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     # `torch._foreach_copy_` has no DTensor rule (FSDP2), and it needs matching dtypes.
-    if all(type(d) is torch.Tensor and d.dtype == s.dtype for d, s in zip(destinations, sources)):
+    # Plain params count as plain tensors (`nn.Parameter` of a DTensor has the DTensor type).
+    plain = (torch.Tensor, torch.nn.Parameter)
+    if all(type(d) in plain and d.dtype == s.dtype for d, s in zip(destinations, sources)):
         torch._foreach_copy_(destinations, sources)
     else:
         for destination, source in zip(destinations, sources):
