@@ -295,22 +295,26 @@ class LookaheadEvalCallback(Callback):
     """Validate on Lookahead's slow weights; end ``fit`` on the synced slow weights.
 
     Add it to a Learner that uses `ranger` (or any `OptimWrapper` around a core `Ranger`
-    or `Lookahead`)::
+    or `Lookahead`; it reaches the core optimizer as ``learn.opt.opt``)::
 
         learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadEvalCallback())
 
-    * ``before_validate``: the slow weights are put into the model, so the validation loss,
-      metrics, ``learn.validate()``, ``get_preds()`` and ``predict()`` all use them;
-      ``after_validate`` restores the fast weights exactly (a backup copy), so the training
-      trajectory is bitwise the same with or without validation.
+    * ``before_validate``: the slow weights go into the model, so the validation loss and
+      metrics, ``learn.validate()``, ``get_preds()`` and ``predict()`` all use them.
+    * Inside ``fit`` the slow weights stay in the model until the next training phase
+      starts (``before_train``) or the fit ends, so trackers acting at ``after_epoch``
+      (``SaveModelCallback``, ``EarlyStopping``) save and judge the weights the metrics
+      describe. Outside ``fit`` they leave at ``after_validate``. The fast weights are
+      restored from an exact backup, so training is bitwise the same with or without
+      validation.
     * ``after_fit``: if the optimizer stepped during this fit, `sync_lookahead()` is called,
       so the model holds the synced slow weights (``slow + alpha * (fast - slow)``), the
-      ones to export. Pass ``sync_on_fit_end=False`` to keep the fast weights instead.
+      ones to export. Pass ``sync_on_fit_end=False`` to end on the fast weights instead.
       Skipped under ``lr_find`` (which restores the model anyway).
 
     Params that have not stepped yet have no slow weights and are evaluated as they are.
     The order (55) puts ``after_fit`` before the trackers' (60), so ``SaveModelCallback``
-    reloading the best model is not overwritten by the sync.
+    reloading its best model comes after the sync and is not overwritten by it.
     """
 
     order = 55
@@ -319,19 +323,25 @@ class LookaheadEvalCallback(Callback):
     def __init__(self, sync_on_fit_end: bool = True) -> None:
         self.sync_on_fit_end = sync_on_fit_end
         self._stepped = False
+        self._in_training_epoch = False
         self._swap: contextlib.ExitStack | None = None
 
     def before_fit(self) -> None:
-        """Start counting steps; undo a swap left over from an interrupted run."""
+        """Undo a swap left over from an interrupted run; start watching for steps."""
         self._restore_fast_weights()
         self._stepped = False
+
+    def before_train(self) -> None:
+        """Put the fast weights back for training."""
+        self._restore_fast_weights()
+        self._in_training_epoch = True
 
     def after_step(self) -> None:
         """Remember that this fit changed the weights."""
         self._stepped = True
 
     def before_validate(self) -> None:
-        """Put the slow weights into the model for validation."""
+        """Put the slow weights into the model."""
         core = _lookahead_optimizer(self.learn)
         if core is None or self._swap is not None or not _has_slow_weights(core):
             return
@@ -340,12 +350,18 @@ class LookaheadEvalCallback(Callback):
         self._swap = swap
 
     def after_validate(self) -> None:
-        """Restore the fast weights."""
-        self._restore_fast_weights()
+        """Outside a training epoch (``validate``, ``get_preds``), restore the fast weights."""
+        if not self._in_training_epoch:
+            self._restore_fast_weights()
+
+    def after_epoch(self) -> None:
+        """The epoch is over (the swap, if any, lasts until ``before_train``)."""
+        self._in_training_epoch = False
 
     def after_fit(self) -> None:
-        """Leave the model on the synced slow weights (unless told otherwise)."""
+        """Restore the fast weights, then sync (unless told otherwise)."""
         self._restore_fast_weights()
+        self._in_training_epoch = False
         core = _lookahead_optimizer(self.learn)
         stepped, self._stepped = self._stepped, False
         if (

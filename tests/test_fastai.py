@@ -12,13 +12,19 @@ import torch
 
 pytest.importorskip("fastai")
 
-from fastai.callback.core import Callback, CancelFitException, CancelStepException  # noqa: E402
+from fastai.callback.core import (  # noqa: E402
+    Callback,
+    CancelFitException,
+    CancelStepException,
+    CancelValidException,
+)
 from fastai.callback.schedule import ParamScheduler, SchedLin  # noqa: E402
+from fastai.callback.tracker import SaveModelCallback  # noqa: E402  # noqa: E402
 from fastai.callback.training import GradientAccumulation, GradientClip  # noqa: E402
 from fastai.learner import load_learner  # noqa: E402
 from fastai.optimizer import Adam as fastai_adam  # noqa: E402
 from fastai.optimizer import ranger as fastai_ranger  # noqa: E402
-from fastai_helpers import quiet, tiny_learner, weights  # noqa: E402
+from fastai_helpers import body_head_splitter, quiet, tiny_learner, weights  # noqa: E402
 
 from ranger_plugins.fastai import (  # noqa: E402
     LookaheadEvalCallback,
@@ -225,6 +231,8 @@ def test_discriminative_learning_rates_with_slice_over_splitter_groups():
     learn = tiny_learner(ranger)
     learn.fit(1, slice(1e-4, 1e-2))
     assert len(learn.opt.hypers) == 2  # the splitter's groups, not the core's four
+    direct = ranger(body_head_splitter(learn.model), lr=slice(1e-4, 1e-2))
+    assert [h["lr"] for h in direct.hypers] == pytest.approx([1e-4, 1e-2])
     body_decayed, body_exempt, head_decayed, head_exempt = _core(learn).param_groups
     assert body_decayed["lr"] == body_exempt["lr"] == pytest.approx(1e-4)
     assert head_decayed["lr"] == head_exempt["lr"] == pytest.approx(1e-2)
@@ -531,6 +539,55 @@ def test_validation_uses_slow_weights_and_training_is_bitwise_unchanged():
     assert recorded == pytest.approx(slow_loss, rel=1e-6)
     assert recorded != pytest.approx(fast_loss, rel=1e-4)
     assert plain.recorder.values[-1][1] == pytest.approx(fast_loss, rel=1e-6)
+
+
+class _SkipValidation(Callback):
+    order = 0
+
+    def before_validate(self):
+        raise CancelValidException()
+
+
+class _SlowWeightsAtValidation(Callback):
+    order = LookaheadEvalCallback.order + 1
+
+    def before_fit(self):
+        self.slow, self.in_model = [], []
+
+    def after_validate(self):
+        state = self.learn.opt.opt.state
+        self.slow.append([state[p]["slow_param"].clone() for p in self.learn.model.parameters()])
+        self.in_model.append(weights(self.learn))
+
+
+def test_training_is_bitwise_the_same_without_any_validation():
+    validated = tiny_learner(partial(ranger, k=4), cbs=LookaheadEvalCallback())
+    skipped = tiny_learner(partial(ranger, k=4), cbs=[LookaheadEvalCallback(), _SkipValidation()])
+    spies = _WeightsAfterTrain(), _WeightsAfterTrain()
+    validated.fit(3, 1e-2, cbs=spies[0])
+    skipped.fit(3, 1e-2, cbs=spies[1])
+    assert len(spies[0].snapshots) == 3
+    for ours, theirs in zip(*(spy.snapshots for spy in spies)):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(weights(validated), weights(skipped)))
+
+
+def test_save_model_callback_saves_the_slow_weights_it_judged(tmp_path):
+    spy, fast = _SlowWeightsAtValidation(), _WeightsAfterTrain()
+    learn = tiny_learner(
+        partial(ranger, k=4),
+        path=tmp_path,
+        cbs=[LookaheadEvalCallback(sync_on_fit_end=False), spy, fast],
+    )
+    learn.fit(2, 1e-2, cbs=SaveModelCallback(every_epoch=True, fname="epoch"))
+    for epoch in range(2):
+        saved = torch.load(tmp_path / "models" / f"epoch_{epoch}.pth", weights_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(spy.slow[epoch], spy.in_model[epoch]))
+        names = [name for name, _ in learn.model.named_parameters()]
+        for name, slow in zip(names, spy.slow[epoch]):
+            assert torch.equal(saved[name], slow), (epoch, name)
+    # ... which after epoch 0 (6 steps, k = 4) differ from the fast weights.
+    assert not torch.equal(spy.slow[0][0], fast.snapshots[0][0])
 
 
 def test_model_holds_the_synced_slow_weights_after_fit():
