@@ -1,0 +1,108 @@
+"""What a recipe run is: the resolved options, the two runs compared, and what each returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BASELINE",
+    "DIGITS_DEFAULTS",
+    "FOLDER_DEFAULTS",
+    "RECIPE",
+    "RecipeConfig",
+    "RunResult",
+    "RunSpec",
+]
+
+# The leaderboard hyperparameters (fastai Imagenette/Imagewoof records, 2019): Ranger with
+# mom 0.95, sqr_mom 0.99, eps 1e-6, true weight decay 1e-2 (none on norm/bias), flat lr then
+# cosine annealing from 72% of the iterations, label smoothing 0.1.
+RANGER_HYPERS = {"mom": 0.95, "sqr_mom": 0.99, "eps": 1e-6, "wd": 1e-2, "k": 6, "alpha": 0.5}
+LABEL_SMOOTHING = 0.1
+WEIGHT_DECAY = 1e-2
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One side of the comparison: an activation, an optimizer and an LR schedule."""
+
+    name: str
+    activation: str  # "mish" | "relu"
+    optimizer: str  # "ranger" | "adamw"
+    schedule: str  # "flat_cos" | "one_cycle"
+
+
+RECIPE = RunSpec("recipe", activation="mish", optimizer="ranger", schedule="flat_cos")
+BASELINE = RunSpec("baseline", activation="relu", optimizer="adamw", schedule="one_cycle")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-dataset defaults; any option given on the command line wins."""
+
+    epochs: int
+    size: int
+    bs: int
+    lr: float
+    arch: str
+    baseline: bool
+
+
+# Digits: small enough to train both runs in well under a minute each on 2 free CPU cores.
+# lr 8e-3 is the 2020 leaderboard baseline's; both runs use the same peak lr.
+DIGITS_DEFAULTS = Defaults(epochs=5, size=32, bs=64, lr=8e-3, arch="xresnet_tiny", baseline=True)
+# Real data: the record-setting settings (XResNet50 + Mish, 128 px, bs 64, lr 4e-3, 5 epochs).
+FOLDER_DEFAULTS = Defaults(epochs=5, size=128, bs=64, lr=4e-3, arch="xresnet50", baseline=False)
+
+
+@dataclass
+class RecipeConfig:
+    """Everything one invocation needs, with the per-dataset defaults filled in."""
+
+    engine: str = "fastai"
+    dataset: str = "digits"
+    data: Path | None = None
+    epochs: int = DIGITS_DEFAULTS.epochs
+    seed: int = 42
+    size: int = DIGITS_DEFAULTS.size
+    bs: int = DIGITS_DEFAULTS.bs
+    lr: float = DIGITS_DEFAULTS.lr
+    arch: str = DIGITS_DEFAULTS.arch
+    self_attention: bool = False
+    gc: bool = False
+    pct_start: float = 0.72
+    baseline: bool = True
+    workers: int = 0
+    output: Path = field(default_factory=lambda: Path("ranger-recipe-digits.png"))
+
+    @property
+    def uses_folder(self) -> bool:
+        """True when the images come from an ImageNet-style folder rather than digits."""
+        return self.dataset != "digits" or self.data is not None
+
+    @property
+    def runs(self) -> list[RunSpec]:
+        """The runs to train, recipe first."""
+        return [RECIPE, BASELINE] if self.baseline else [RECIPE]
+
+
+@dataclass
+class RunResult:
+    """What one training run produced. Losses are per iteration (training) and per epoch
+    (validation, placed at the iteration count where that epoch ended)."""
+
+    spec: RunSpec
+    accuracy: float
+    valid_loss: float
+    seconds: float
+    train_losses: list[float]
+    lrs: list[float]
+    valid_iters: list[int]
+    valid_losses: list[float]
+    model_name: str = ""
+    #: The trained model (holding the Lookahead slow weights, synced at the end of fit, for
+    #: Ranger) and the optimizer that trained it (the core ``torch.optim.Optimizer``).
+    model: Any = field(default=None, repr=False)
+    optimizer: Any = field(default=None, repr=False)

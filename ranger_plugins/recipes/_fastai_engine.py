@@ -1,0 +1,146 @@
+"""Train one run with fastai: ``Learner`` + ``fit_flat_cos`` (recipe) or ``fit_one_cycle``."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+
+from ._config import LABEL_SMOOTHING, RANGER_HYPERS, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
+from ._data import EngineUnavailableError, check_image_folder, digits_split
+from ._models import ACTIVATION_NAMES, build_xresnet
+
+__all__ = ["train_fastai"]
+
+
+def _recipe_optimizer(config: RecipeConfig):
+    """The fastai adapter's Ranger opt_func and Lookahead evaluation callback."""
+    try:
+        from ranger_plugins.fastai import LookaheadEvalCallback, ranger
+    except ImportError as error:
+        raise EngineUnavailableError(
+            f"the fastai engine needs ranger_plugins.fastai (ranger, LookaheadEvalCallback), "
+            f"which could not be imported: {error}. Try --engine lightning."
+        ) from error
+    return partial(ranger, **RANGER_HYPERS, gc=config.gc), [LookaheadEvalCallback()]
+
+
+def _dataloaders(config: RecipeConfig, path):
+    from fastai.data.core import DataLoaders
+    from fastai.vision.all import (
+        CategoryBlock,
+        DataBlock,
+        FlipItem,
+        GrandparentSplitter,
+        ImageBlock,
+        Normalize,
+        RandomResizedCrop,
+        get_image_files,
+        imagenet_stats,
+        parent_label,
+    )
+
+    if path is None:
+        digits = digits_split(config.size)
+        train = torch.utils.data.TensorDataset(digits.x_train, digits.y_train)
+        valid = torch.utils.data.TensorDataset(digits.x_valid, digits.y_valid)
+        dls = DataLoaders.from_dsets(train, valid, bs=config.bs, num_workers=0)
+        return dls, len(digits.classes), 1
+    classes = check_image_folder(path)
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock),
+        get_items=get_image_files,
+        splitter=GrandparentSplitter(train_name="train", valid_name="val"),
+        get_y=parent_label,
+        # The leaderboard's augmentation: random resized crops down to 35% of the image and
+        # horizontal flips; validation gets a centre crop.
+        item_tfms=[RandomResizedCrop(config.size, min_scale=0.35), FlipItem(0.5)],
+        batch_tfms=Normalize.from_stats(*imagenet_stats),
+    )
+    dls = block.dataloaders(path, bs=config.bs, num_workers=config.workers)
+    return dls, len(classes), 3
+
+
+def _batch_history():
+    from fastai.callback.core import Callback
+
+    class BatchHistory(Callback):
+        """Raw training loss and learning rate of every iteration (fastai's Recorder keeps
+        only a smoothed loss)."""
+
+        def before_fit(self):
+            self.losses, self.lrs = [], []
+
+        def after_batch(self):
+            if self.training:
+                self.losses.append(self.learn.loss.item())
+                self.lrs.append(self.opt.hypers[-1]["lr"])
+
+    return BatchHistory()
+
+
+def train_fastai(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult:
+    """Train ``spec`` with fastai and return its curves and final validation metrics.
+
+    ``path`` is an ImageNet-style folder, or None for the digits.
+    """
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from fastai.optimizer import Adam
+    from fastai.torch_core import set_seed
+
+    # Same seed before data and model: both runs start from identical weights (activations
+    # have none) and see the same batches.
+    set_seed(config.seed, reproducible=True)
+    dls, n_classes, channels = _dataloaders(config, path)
+    model = build_xresnet(
+        config.arch,
+        n_classes,
+        c_in=channels,
+        activation=spec.activation,
+        self_attention=config.self_attention,
+    )
+    if spec.optimizer == "ranger":
+        opt_func, callbacks = _recipe_optimizer(config)
+    else:
+        # fastai's Adam applies true (decoupled) weight decay: AdamW.
+        opt_func, callbacks = partial(Adam, wd=WEIGHT_DECAY), []
+    history = _batch_history()
+    learn = Learner(
+        dls,
+        model,
+        opt_func=opt_func,
+        loss_func=CrossEntropyLossFlat(label_smoothing=LABEL_SMOOTHING),
+        metrics=accuracy,
+        cbs=[history, *callbacks],
+        wd_bn_bias=False,  # no weight decay on norm and bias parameters
+    )
+    if torch.cuda.is_available():
+        learn = learn.to_fp16()
+
+    start = time.perf_counter()
+    if spec.schedule == "flat_cos":
+        learn.fit_flat_cos(config.epochs, lr=config.lr, pct_start=config.pct_start)
+    else:
+        learn.fit_one_cycle(config.epochs, lr_max=config.lr)
+    seconds = time.perf_counter() - start
+
+    # Recorder.values: one row per epoch, [train_loss, valid_loss, accuracy].
+    values = [list(map(float, row)) for row in learn.recorder.values]
+    per_epoch = len(history.losses) // max(config.epochs, 1)
+    return RunResult(
+        spec=spec,
+        accuracy=values[-1][2],
+        valid_loss=values[-1][1],
+        seconds=seconds,
+        train_losses=history.losses,
+        lrs=history.lrs,
+        valid_iters=[per_epoch * (epoch + 1) for epoch in range(len(values))],
+        valid_losses=[row[1] for row in values],
+        model_name=f"{config.arch} + {ACTIVATION_NAMES[spec.activation]}",
+        model=learn.model,
+        # RangerOptimWrapper keeps the core optimizer in `.opt`; fastai's own Adam is itself.
+        optimizer=getattr(learn.opt, "opt", learn.opt),
+    )

@@ -1,0 +1,43 @@
+"""Resolve the data, train each run with the chosen engine, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._config import RecipeConfig, RunResult
+from ._data import check_image_folder, fetch_dataset
+
+__all__ = ["resolve_data_path", "train_runs"]
+
+ENGINES = ("fastai", "lightning")
+DATASETS = ("digits", "imagenette", "imagewoof")
+
+
+def resolve_data_path(config: RecipeConfig) -> Path | None:
+    """The image folder to train on, fetching Imagenette/Imagewoof if needed; None for digits.
+
+    Raises ``ValueError`` if the folder is not laid out as ``train/<class>``, ``val/<class>``.
+    """
+    if config.data is not None:
+        path = Path(config.data)
+    elif config.dataset == "digits":
+        return None
+    else:
+        path = fetch_dataset(config.dataset, config.size)
+    check_image_folder(path)
+    return path
+
+
+def train_runs(config: RecipeConfig, path: Path | None) -> list[RunResult]:
+    """Train every run of ``config`` (recipe, then baseline) on ``path`` (None: digits)."""
+    if config.engine == "fastai":
+        from ._fastai_engine import train_fastai as train
+    elif config.engine == "lightning":
+        from ._lightning_engine import train_lightning as train
+    else:
+        raise ValueError(f"engine must be one of {ENGINES}, got {config.engine!r}")
+    results = []
+    for spec in config.runs:
+        print(f"\n== {spec.name}: {spec.activation}, {spec.optimizer}, {spec.schedule} ==")
+        results.append(train(config, spec, path))
+    return results
