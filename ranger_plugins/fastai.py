@@ -79,7 +79,8 @@ def ranger(
         sqr_mom: beta2, the squared-gradient moving-average coefficient.
         eps: added to ``sqrt(v)`` in the denominator. fastai's Ranger adds it to
             ``sqrt(v / (1 - sqr_mom**t))`` instead, so the two match exactly only as
-            eps -> 0; with the default 1e-6 the difference is tiny (see the README).
+            eps -> 0. With the default 1e-6 the difference is small: on the test model,
+            24 steps, per-batch losses agree to ~5e-7 relative and weights to ~2e-4.
         wd: true (decoupled) weight decay: ``p *= 1 - lr * wd`` before the update. Norm
             layers and biases get none when the Learner has ``wd_bn_bias=False`` (its
             default), as with fastai's own optimizers.
@@ -160,9 +161,10 @@ class RangerOptimWrapper(OptimWrapper):
     """
 
     def __init__(self, opt: Ranger) -> None:
-        if not isinstance(opt, LookaheadControls) or len(opt.param_groups) % 2:
+        if not isinstance(opt, Ranger) or len(opt.param_groups) % 2:
             raise TypeError(
-                "RangerOptimWrapper wraps a core Ranger built with paired groups; use `ranger()`"
+                "RangerOptimWrapper wraps a core Ranger built with paired groups (decayed, "
+                "no decay) per layer group; build it with `ranger_plugins.fastai.ranger()`"
             )
         super().__init__(opt=opt, hp_map=RANGER_HP_MAP)
         # The layer groups in the splitter's order; the core pairs are derived from them.
