@@ -1,0 +1,127 @@
+"""The default multi-tensor path against `_single_tensor_ranger`, the readable ground truth:
+the same operations on every element in the same order, so the results are bitwise equal.
+
+The wave sizes are shrunk so that small test tensors exercise every code path of the fast
+implementation: row-aligned chunks of large tensors, batched GC of small ones, waves holding
+many pieces, and tensors that cannot be cut (channels_last, bf16 working copies).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ranger_plugins import Ranger, _multi_tensor
+
+SHAPES = [
+    (12, 5, 3, 3),  # conv weight, cut into row-aligned chunks
+    (12,),
+    (40, 7),  # linear weight, cut into chunks
+    (7,),
+    (3, 4),  # small: batched GC (row length 4)
+    (5, 4),  # small: batched GC with the one above
+    (2, 3, 2),  # small, 3-D
+    (1, 9),  # a single row
+    (300,),  # 1-D, cut into chunks
+    (),  # a scalar parameter
+]
+
+
+@pytest.fixture(autouse=True)
+def _small_waves(monkeypatch):
+    monkeypatch.setattr(_multi_tensor, "_WAVE_NUMEL", 64)
+    monkeypatch.setattr(_multi_tensor, "_SMALL_GC_NUMEL", 32)
+
+
+def _make_params(dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in SHAPES]
+    conv = torch.randn(6, 3, 2, 2, generator=generator, dtype=torch.float64).to(dtype)
+    params.append(conv.contiguous(memory_format=torch.channels_last))
+    return [torch.nn.Parameter(p) for p in params]
+
+
+def _grad_schedule(n_params, n_steps, seed=1):
+    """Per step, the gradient of each param or None: some params skip steps, so the params'
+    own step counts differ and buckets split by step."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        [
+            None if (index % 4 == 1 and step % 3 == 0) or (index == 3 and step < 4) else generator
+            for index in range(n_params)
+        ]
+        for step in range(n_steps)
+    ]
+
+
+def _run(foreach, dtype, steps=14, **kwargs):
+    params = _make_params(dtype)
+    optimizer = Ranger(params, lr=0.05, foreach=foreach, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    history = []
+    for step_mask in _grad_schedule(len(params), steps):
+        for param, has_grad in zip(params, step_mask):
+            grad = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            param.grad = (
+                None
+                if has_grad is None
+                else grad.to(dtype).contiguous(
+                    memory_format=torch.channels_last
+                    if param.dim() == 4 and not param.is_contiguous()
+                    else torch.contiguous_format
+                )
+            )
+        optimizer.step()
+        history.append([None if p.grad is None else p.grad.clone() for p in params])
+    return params, optimizer, history
+
+
+@pytest.mark.parametrize("use_gc", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("gc_conv_only", [False, True])
+def test_multi_tensor_equals_single_tensor_in_float64(use_gc, weight_decay, gc_conv_only):
+    kwargs = dict(use_gc=use_gc, weight_decay=weight_decay, gc_conv_only=gc_conv_only)
+    fast_params, fast_opt, fast_grads = _run(True, torch.float64, **kwargs)
+    ref_params, ref_opt, ref_grads = _run(False, torch.float64, **kwargs)
+    steps = [ref_opt.state[p]["step"] for p in ref_params]
+    assert len(set(steps)) > 1  # the schedule really gives params different step counts
+    for fast, ref in zip(fast_params, ref_params):
+        torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+        fast_state, ref_state = fast_opt.state[fast], ref_opt.state[ref]
+        assert fast_state["step"] == ref_state["step"]
+        for key in ("exp_avg", "exp_avg_sq", "slow_param"):
+            torch.testing.assert_close(fast_state[key], ref_state[key], rtol=0, atol=0)
+    # GC is applied to the gradients in place on both paths.
+    for fast_step, ref_step in zip(fast_grads, ref_grads):
+        for fast, ref in zip(fast_step, ref_step):
+            if ref is not None:
+                torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+
+
+def test_multi_tensor_equals_single_tensor_with_bf16_and_fp32():
+    for dtype in (torch.bfloat16, torch.float32):
+        fast_params, fast_opt, _ = _run(True, dtype)
+        ref_params, ref_opt, _ = _run(False, dtype)
+        for fast, ref in zip(fast_params, ref_params):
+            assert fast.dtype == dtype
+            torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+            for key in ("exp_avg", "exp_avg_sq", "slow_param"):
+                assert fast_opt.state[fast][key].dtype == torch.float32
+                torch.testing.assert_close(
+                    fast_opt.state[fast][key], ref_opt.state[ref][key], rtol=0, atol=0
+                )
+
+
+def test_waves_bound_the_temporary_and_cover_every_element(monkeypatch):
+    """Each wave holds at most one chunk beyond the limit, and pieces tile the tensors."""
+    params = [torch.randn(s, dtype=torch.float64) for s in SHAPES if s]
+    grads = [torch.randn_like(p) for p in params]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    waves = _multi_tensor._plan_waves(params, grads, *states, use_gc=True, gc_conv_only=False)
+    covered = sum(piece.numel() for wave in waves for piece in wave[0])
+    assert covered == sum(p.numel() for p in params)
+    for wave in waves:
+        pieces = wave[0]
+        assert len(pieces) == 1 or sum(p.numel() for p in pieces) <= _multi_tensor._WAVE_NUMEL
+        for param_piece, grad_piece in zip(wave[0], wave[1]):
+            assert param_piece.shape == grad_piece.shape
