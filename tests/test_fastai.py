@@ -23,9 +23,11 @@ from fastai.callback.tracker import SaveModelCallback  # noqa: E402  # noqa: E40
 from fastai.callback.training import GradientAccumulation, GradientClip  # noqa: E402
 from fastai.learner import load_learner  # noqa: E402
 from fastai.optimizer import Adam as fastai_adam  # noqa: E402
+from fastai.optimizer import OptimWrapper  # noqa: E402
 from fastai.optimizer import ranger as fastai_ranger  # noqa: E402
 from fastai_helpers import body_head_splitter, quiet, tiny_learner, weights  # noqa: E402
 
+from ranger_plugins import Lookahead  # noqa: E402
 from ranger_plugins.fastai import (  # noqa: E402
     LookaheadEvalCallback,
     RangerOptimWrapper,
@@ -360,7 +362,10 @@ def test_lr_find_leaves_weights_and_optimizer_state_as_they_were(tmp_path):
         id(p): {k: _clone(v) for k, v in s.items()} for p, s in _core(learn).state.items()
     }
     by_id = {id(p): p for p in learn.model.parameters()}
+    # fastai's `fit` sets lr to `learn.lr` before LRFinder saves, so lr comes back as that.
+    before_hypers = [{**h, "lr": learn.lr} for h in learn.opt.hypers]
     learn.lr_find(num_it=12, show_plot=False)
+    assert learn.opt.hypers == before_hypers
     assert all(torch.equal(a, b) for a, b in zip(before_weights, weights(learn)))
     state = _core(learn).state
     assert len(state) == len(before_state)
@@ -614,6 +619,27 @@ def test_validate_and_get_preds_after_fit_use_slow_weights_and_do_not_sync():
     preds, _ = learn.get_preds()
     assert torch.allclose(preds, slow_logits, atol=1e-6)  # our loss has no activation
     assert all(torch.equal(a, b) for a, b in zip(fast, weights(learn)))  # no sync, no swap left
+
+
+def _lookahead_adamw(params, lr):
+    """A plain fastai OptimWrapper around the core's generic Lookahead(AdamW)."""
+    return OptimWrapper(params, _build_lookahead_adamw, lr=lr)
+
+
+def _build_lookahead_adamw(groups, lr):
+    return Lookahead(torch.optim.AdamW(groups, lr=lr), k=4)
+
+
+def test_callback_works_with_any_optimwrapper_around_a_core_lookahead():
+    learn = tiny_learner(_lookahead_adamw, cbs=LookaheadEvalCallback(sync_on_fit_end=False))
+    learn.fit(1, 1e-2)  # 6 steps, k = 4: slow != fast
+    core = learn.opt.opt
+    assert isinstance(core, Lookahead)
+    fast_loss = _loss_on(learn, learn.dls.valid)
+    with core.slow_weights():
+        slow_loss = _loss_on(learn, learn.dls.valid)
+    assert learn.recorder.values[-1][1] == pytest.approx(slow_loss, rel=1e-6)
+    assert slow_loss != pytest.approx(fast_loss, rel=1e-4)
 
 
 def test_callback_is_inert_without_a_lookahead_optimizer():
