@@ -263,6 +263,22 @@ def test_freeze_then_unfreeze_frozen_params_do_not_move():
     assert not torch.equal(conv.weight, frozen[0])
 
 
+def test_fine_tune_freezes_then_trains_everything_with_discriminative_lrs():
+    per_step = _RecordEachStep()
+    learn = tiny_learner(ranger, cbs=per_step)
+    initial_conv = learn.model[0][0].weight.detach().clone()
+    learn.fine_tune(1, 1e-2, freeze_epochs=1)
+    # `fine_tune` = freeze, fit_one_cycle, unfreeze, fit_one_cycle; the spy sees the last.
+    body, _, head, _ = per_step.groups[-1]
+    assert body["lr"] == pytest.approx(head["lr"] / 100)
+    assert not torch.equal(learn.model[0][0].weight, initial_conv)
+
+    frozen = tiny_learner(ranger)
+    frozen.freeze()
+    frozen.fit_one_cycle(1, 1e-2, pct_start=0.99)  # fine_tune's first phase
+    assert torch.equal(frozen.model[0][0].weight, initial_conv)
+
+
 def test_frozen_params_do_not_drift_through_lookahead_even_with_old_slow_weights():
     """`opt.freeze_to` without clearing the state: the conv weight has slow weights far
     from its fast weights, and still does not move when later syncs happen."""
