@@ -19,7 +19,7 @@ from fastai.callback.core import (  # noqa: E402
     CancelValidException,
 )
 from fastai.callback.schedule import ParamScheduler, SchedLin  # noqa: E402
-from fastai.callback.tracker import SaveModelCallback  # noqa: E402  # noqa: E402
+from fastai.callback.tracker import SaveModelCallback  # noqa: E402
 from fastai.callback.training import GradientAccumulation, GradientClip  # noqa: E402
 from fastai.learner import load_learner  # noqa: E402
 from fastai.optimizer import Adam as fastai_adam  # noqa: E402
@@ -154,21 +154,43 @@ def test_parity_with_fastai_ranger_tiny_eps_float64():
     """24 steps (4 syncs at k = 6) in a Learner, wd 0.01 with wd_bn_bias=False, eps 1e-12.
 
     fastai computes m / (sqrt(v / bc2) + eps), we compute m / (sqrt(v) + eps) with
-    sqrt(bc2) folded into the step size: identical maths as eps -> 0. In fp32 a tiny eps
-    makes near-zero second moments amplify rounding, so this runs in fp64.
+    sqrt(bc2) folded into the step size: identical maths as eps -> 0. But eps must stay
+    above rounding noise: the conv bias before BatchNorm has a gradient that is zero in
+    exact arithmetic and ~1e-9 (fp32) or ~1e-17 (fp64) in practice, and m / sqrt(v) turns
+    that noise into O(1) steps that differ between the two. Hence fp64 and eps 1e-12
+    (measured: 1.2e-7; eps 1e-16 gives 6e-4, fp32 with eps 1e-12 gives 1e-2).
     """
     ours = tiny_learner(partial(ranger, eps=1e-12), dtype=torch.float64)
     theirs = tiny_learner(partial(fastai_ranger, eps=1e-12), dtype=torch.float64)
+    initial = weights(ours)
     ours.fit(4, 1e-2)
     theirs.fit(4, 1e-2)
     assert {s["step"] for s in _core(ours).state.values()} == {4 * STEPS_PER_EPOCH}
     assert theirs.opt.count == 4 * STEPS_PER_EPOCH
     assert _max_relative_difference(weights(ours), weights(theirs)) < 1e-6
-    assert not torch.equal(weights(ours)[0], tiny_learner(ranger).model[0][0].weight.double())
+    assert _max_relative_difference(weights(ours), initial) > 1e-2  # it did train
+
+
+def test_parity_with_fastai_ranger_tiny_eps_float32_except_the_noise_driven_bias():
+    """The same in fp32: every parameter but the conv bias (whose true gradient is zero,
+    see above) matches to 1e-6 relative (measured 1.3e-7)."""
+    ours = tiny_learner(partial(ranger, eps=1e-12))
+    theirs = tiny_learner(partial(fastai_ranger, eps=1e-12))
+    ours.fit(4, 1e-2)
+    theirs.fit(4, 1e-2)
+    names = [name for name, _ in ours.model.named_parameters()]
+    kept = [i for i, name in enumerate(names) if name != "0.0.bias"]
+    ours_weights, theirs_weights = weights(ours), weights(theirs)
+    assert len(kept) == len(names) - 1
+    assert (
+        _max_relative_difference([ours_weights[i] for i in kept], [theirs_weights[i] for i in kept])
+        < 1e-6
+    )
 
 
 def test_parity_with_fastai_ranger_default_eps_loss_curves():
-    """Default eps 1e-6 (fp32): the per-batch training losses agree to 1e-4 relative."""
+    """Default eps 1e-6 (fp32): the 24 per-batch training losses agree to 1e-4 relative
+    (measured 5e-7), the weights to 1e-3 (measured 2e-4)."""
     ours = tiny_learner(ranger)
     theirs = tiny_learner(fastai_ranger)
     ours.fit(4, 1e-2)
