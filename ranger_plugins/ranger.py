@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ._fused import fused_step
 from ._math import centralize_gradient, rectification
 from ._multi_tensor import _multi_tensor_ranger
 from ._state import check_lookahead_args, load_state_dict_safely, state_dtype
@@ -66,6 +67,10 @@ class Ranger(LookaheadControls, Optimizer):
             weights).
         rectify_threshold: the adaptive step is used once rho_t exceeds this (>= 4, since
             r_t needs rho_t > 4).
+        fused: the opt-in fused step (`ranger_plugins._fused`): parameters, gradients and
+            state move into flat buffers per device and dtype (``param.data``, ``param.grad``
+            and ``state[param]`` become views into them) and one compiled kernel updates
+            them. Same results as the default path up to rounding; the first steps compile.
         foreach: use the multi-tensor implementation (default: yes, unless a param is not a
             strided tensor).
 
@@ -98,6 +103,7 @@ class Ranger(LookaheadControls, Optimizer):
         rectify_threshold: float = 5.0,
         *,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -110,6 +116,7 @@ class Ranger(LookaheadControls, Optimizer):
             gc_conv_only=gc_conv_only,
             rectify_threshold=rectify_threshold,
             foreach=foreach,
+            fused=fused,
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -125,6 +132,7 @@ class Ranger(LookaheadControls, Optimizer):
         # Groups pickled by an older version get the flags added since.
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("fused", False)
             group.setdefault("gc_conv_only", False)
             group.setdefault("rectify_threshold", 5.0)
 
@@ -184,7 +192,9 @@ class Ranger(LookaheadControls, Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            if group.get("fused") and fused_step(self, group_index, group):
+                continue
             params, grads, exp_avgs, exp_avg_sqs, slow_params, steps = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
             if not params:

@@ -1,0 +1,434 @@
+"""The opt-in fused Ranger step (``Ranger(..., fused=True)``): flat buffers and one compiled
+elementwise kernel per gradient row length.
+
+Why this shape (facts measured on torch 2.14):
+
+* A compiled multi-tensor step unrolls per tensor, so its compile time and guard overhead grow
+  with the tensor count (minutes for 800 tensors). Here the parameters, gradients and state of a
+  param group live in flat buffers, one per device and dtype, and the kernel sees a few large
+  2-D views: one per distinct row length of the centralized gradients (a ResNet-50 has about a
+  dozen), plus one for everything else. The kernel is compiled with dynamic shapes and the
+  hyperparameters as symbolic floats, so it compiles twice per dtype (with and without the
+  Lookahead sync) whatever the model, and a schedule that changes lr every step never
+  recompiles.
+* Computing GC's row mean inside the compiled kernel crashes inductor's CPU outer-loop fusion
+  (``KeyError: 'bufNN'``); the means are computed just before, one ``mean`` per row length.
+* The parameters become views into the flat buffer (``param.data`` is re-pointed once), and
+  so do ``param.grad`` and ``state[param][...]``. So ``state_dict()``, loading, and the
+  Lookahead controls see ordinary per-parameter tensors. A gradient that autograd allocated
+  afresh (``zero_grad(set_to_none=True)``) is copied into the flat buffer at the next step and
+  ``param.grad`` is re-pointed; with ``zero_grad(set_to_none=False)`` backward accumulates in
+  place and no copy is needed.
+* A step whose parameters do not all have gradients, or whose parameters' step counts differ,
+  runs the default multi-tensor path on the same views (exact, just not fused).
+
+Memory traffic per fp32 parameter and step: read p, grad (twice: the GC mean), m, v; write p,
+m, v: 32 bytes (28 without GC), plus 8 bytes on Lookahead sync steps for the slow weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._math import _gc_applies, rectification
+from ._multi_tensor import _multi_tensor_ranger
+from ._state import state_dtype
+
+_ALIGN = 64  # elements; segment starts stay aligned for vector loads
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+# --------------------------------------------------------------------------- the kernel
+def _ranger_kernel(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    grad_mean: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    slow: torch.Tensor,
+    decay: float,
+    beta1_weight: float,
+    beta2: float,
+    beta2_weight: float,
+    eps: float,
+    adaptive: float,
+    neg_step_size: float,
+    lookahead_alpha: float,
+    sync: bool,
+) -> None:
+    """One Ranger step on 2-D (rows, row length) views; ``grad_mean`` is (rows, 1).
+
+    The operations are the default path's, in its order (see `_single_tensor_ranger`):
+    adaptive is 1.0 or 0.0, and with 0.0 the denominator is exactly 1 (momentum SGD).
+    """
+    work = exp_avg.dtype
+    g = grad.to(work) - grad_mean
+    fast = param.to(work) * decay
+    m = torch.lerp(exp_avg, g, beta1_weight)
+    v = exp_avg_sq * beta2 + beta2_weight * g * g
+    denominator = (torch.sqrt(v) + eps) * adaptive + (1.0 - adaptive)
+    fast = fast + neg_step_size * (m / denominator)
+    if sync:
+        fast = torch.lerp(slow, fast, lookahead_alpha)
+        slow.copy_(fast)
+    param.copy_(fast.to(param.dtype))
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+_compiled_kernel: Any = None
+_use_eager_kernel = False
+
+
+def _kernel():
+    """The compiled kernel, created on first use (importing the compiler is slow)."""
+    global _compiled_kernel
+    if _use_eager_kernel:
+        return _ranger_kernel
+    if _compiled_kernel is None:
+        _compiled_kernel = torch.compile(_ranger_kernel, dynamic=True, fullgraph=True)
+    return _compiled_kernel
+
+
+def _run_kernel(*args: Any) -> None:
+    global _use_eager_kernel
+    try:
+        _kernel()(*args)
+    except Exception as error:  # no compiler toolchain, or an inductor bug: stay correct
+        if _use_eager_kernel:
+            raise
+        _use_eager_kernel = True
+        warnings.warn(
+            f"Ranger(fused=True): torch.compile failed ({type(error).__name__}: {error}); "
+            "running the same flat-buffer step without compiling",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        _ranger_kernel(*args)
+
+
+# --------------------------------------------------------------------------- flat layout
+@dataclass
+class _Segment:
+    """A contiguous range of the flat buffers, seen as (rows, row_length)."""
+
+    start: int
+    rows: int
+    row_length: int
+    centralize: bool
+
+
+@dataclass
+class _FlatGroup:
+    """The params of one param group on one device and dtype, and their flat storage."""
+
+    params: list[torch.Tensor]
+    param_views: list[torch.Tensor]
+    grad_views: list[torch.Tensor]
+    flat_param: torch.Tensor
+    flat_grad: torch.Tensor
+    flat_exp_avg: torch.Tensor
+    flat_exp_avg_sq: torch.Tensor
+    flat_slow: torch.Tensor
+    segments: list[_Segment]
+    layout_key: tuple
+    states: list[dict] = field(default_factory=list)
+    zero_mean: torch.Tensor | None = None  # (2, 1) zeros: the segment that is not centralized
+    step: int | None = None  # the params' common step count, None if they differ
+
+
+@dataclass
+class _FusedCache:
+    state: Any  # the optimizer.state object the flat groups were built for
+    groups: dict[int, list[_FlatGroup]]
+
+
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _eligible(param: torch.Tensor) -> bool:
+    return (
+        type(param) in _PLAIN_TYPES
+        and param.layout == torch.strided
+        and (
+            param.is_contiguous()
+            or (param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last))
+            or (param.dim() == 5 and param.is_contiguous(memory_format=torch.channels_last_3d))
+        )
+        and not torch.is_complex(param)
+    )
+
+
+def _view(flat: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
+    # Same strides as `like` (channels_last stays channels_last); rows stay contiguous blocks
+    # because dim 0 is the outermost dimension of a dense tensor with standard strides.
+    return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + start)
+
+
+def _outermost_dim_first(param: torch.Tensor) -> bool:
+    return param.dim() == 0 or param.stride(0) == max(param.stride())
+
+
+def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -> _FlatGroup:
+    """Move ``params`` (one device and dtype) and their state into new flat buffers."""
+    param0 = params[0]
+    work = state_dtype(param0)
+    by_row_length: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for param in params:
+        if use_gc and _gc_applies(param, gc_conv_only) and _outermost_dim_first(param):
+            by_row_length[param.numel() // param.shape[0]].append(param)
+        else:
+            by_row_length[0].append(param)  # 0: not centralized
+
+    segments, order, offsets, cursor = [], [], [], 0
+    for row_length in sorted(by_row_length, reverse=True):
+        members = by_row_length[row_length]
+        cursor = -(-cursor // _ALIGN) * _ALIGN
+        start = cursor
+        for param in members:
+            order.append(param)
+            offsets.append(cursor)
+            cursor += param.numel()
+        numel = cursor - start
+        if row_length:
+            if numel == row_length:
+                # A single row would make the compiler specialize (and recompile) for size 1:
+                # pad with a zero row, which the kernel leaves at zero.
+                cursor += row_length
+                numel += row_length
+            segments.append(_Segment(start, numel // row_length, row_length, True))
+        else:
+            # Seen as 2 rows so that every segment has the kernel's 2-D form; pad to even.
+            cursor += numel % 2
+            segments.append(_Segment(start, 2, (cursor - start) // 2, False))
+    total = -(-cursor // _ALIGN) * _ALIGN
+
+    device = param0.device
+    flat_param = torch.zeros(total, dtype=param0.dtype, device=device)
+    flat_grad = torch.zeros(total, dtype=param0.dtype, device=device)
+    flat_exp_avg = torch.zeros(total, dtype=work, device=device)
+    flat_exp_avg_sq = torch.zeros(total, dtype=work, device=device)
+    flat_slow = torch.zeros(total, dtype=work, device=device)
+    param_views, grad_views, states = [], [], []
+    for param, start in zip(order, offsets):
+        param_view = _view(flat_param, start, param)
+        param_view.copy_(param.detach())
+        grad_view = _view(flat_grad, start, param)
+        if param.grad is not None:
+            grad_view.copy_(param.grad)
+        state = optimizer.state[param]
+        for key, flat in (
+            ("exp_avg", flat_exp_avg),
+            ("exp_avg_sq", flat_exp_avg_sq),
+            ("slow_param", flat_slow),
+        ):
+            view = _view(flat, start, param)
+            if key in state:
+                view.copy_(state[key])
+                state[key] = view
+        param.data = param_view
+        if param.grad is not None:
+            param.grad = grad_view
+        param_views.append(param_view)
+        grad_views.append(grad_view)
+        states.append(state)
+    flat_group = _FlatGroup(
+        order,
+        param_views,
+        grad_views,
+        flat_param,
+        flat_grad,
+        flat_exp_avg,
+        flat_exp_avg_sq,
+        flat_slow,
+        segments,
+        _layout_key(group),
+        states,
+    )
+    flat_group.step = _common_step(flat_group)
+    flat_group.zero_mean = torch.zeros(2, 1, dtype=work, device=device)
+    return flat_group
+
+
+def _layout_key(group: dict) -> tuple:
+    # The params list object itself: torch's load_state_dict and add_param_group keep it.
+    return (id(group["params"]), len(group["params"]), group["use_gc"], group["gc_conv_only"])
+
+
+def _common_step(flat_group: _FlatGroup) -> int | None:
+    steps = {state.get("step") for state in flat_group.states}
+    if len(steps) == 1:
+        (step,) = steps
+        return step
+    return None
+
+
+def _flat_groups(optimizer, group_index: int, group: dict) -> list[_FlatGroup] | None:
+    cache = _caches.get(optimizer)
+    if cache is None or cache.state is not optimizer.state:
+        # First fused step, or `load_state_dict` swapped in new state: (re)build everything.
+        cache = _FusedCache(optimizer.state, {})
+        _caches[optimizer] = cache
+    flat_groups = cache.groups.get(group_index)
+    if flat_groups and flat_groups[0].layout_key != _layout_key(group):
+        flat_groups = None
+    if flat_groups is None:
+        eligible = [p for p in group["params"] if _eligible(p)]
+        if len(eligible) != len(group["params"]):
+            return None  # DTensors, sparse or overlapping params: the default path
+        by_kind: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for param in eligible:
+            by_kind[(param.device, param.dtype)].append(param)
+        flat_groups = [
+            _build(optimizer, group, members, group["use_gc"], group["gc_conv_only"])
+            for members in by_kind.values()
+        ]
+        cache.groups[group_index] = flat_groups
+    return flat_groups
+
+
+# --------------------------------------------------------------------------- the step
+def fused_step(optimizer, group_index: int, group: dict) -> bool:
+    """One fused Ranger step of ``group``. Returns False, changing nothing, when the group
+    cannot use flat buffers (DTensors or other tensor subclasses, sparse or complex params):
+    the caller then runs the default path."""
+    flat_groups = _flat_groups(optimizer, group_index, group)
+    if flat_groups is None:
+        return False
+    for flat_group in flat_groups:
+        _step_flat_group(optimizer, group, flat_group)
+    return True
+
+
+def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
+    params, grad_views = flat_group.params, flat_group.grad_views
+    stale_grads, stale_views, all_have_grads = [], [], True
+    for param, param_view, grad_view in zip(params, flat_group.param_views, grad_views):
+        if param.data_ptr() != param_view.data_ptr():
+            raise RuntimeError(
+                "Ranger(fused=True): a parameter's storage was replaced after its first step "
+                "(for example by model.to(device)); move the model before creating the optimizer"
+            )
+        grad = param.grad
+        if grad is grad_view:
+            continue
+        if grad is None:
+            all_have_grads = False
+        elif grad.is_sparse:
+            raise RuntimeError("Ranger does not support sparse gradients")
+        else:
+            stale_grads.append(grad)
+            stale_views.append(grad_view)
+    if stale_grads:
+        # Freshly allocated gradients: copy them in and point param.grad at the flat buffer.
+        torch._foreach_copy_(stale_views, stale_grads)
+        for param, grad_view in zip(params, grad_views):
+            if param.grad is not None and param.grad is not grad_view:
+                param.grad = grad_view
+
+    if not all_have_grads or flat_group.step is None:
+        _step_per_param(optimizer, group, flat_group)
+        return
+
+    step = flat_group.step + 1
+    for state in flat_group.states:
+        state["step"] = step
+    flat_group.step = step
+    lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
+    beta1, beta2 = group["betas"]
+    multiplier, adaptive = rectification(step, beta1, beta2, group["rectify_threshold"])
+    sync = step % group["lookahead_k"] == 0
+    scalars = (
+        1.0 - lr * group["weight_decay"],
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        group["eps"],
+        1.0 if adaptive else 0.0,
+        -lr * multiplier,
+        group["lookahead_alpha"],
+        sync,
+    )
+    work = flat_group.flat_exp_avg.dtype
+    for segment in flat_group.segments:
+        shape = (segment.rows, segment.row_length)
+        end = segment.start + segment.rows * segment.row_length
+
+        def seg(flat, start=segment.start, end=end, shape=shape):
+            return flat[start:end].view(shape)
+
+        grad = seg(flat_group.flat_grad)
+        if segment.centralize:
+            mean = grad.mean(dim=1, keepdim=True, dtype=work)
+        else:
+            mean = flat_group.zero_mean
+        _run_kernel(
+            seg(flat_group.flat_param),
+            grad,
+            mean,
+            seg(flat_group.flat_exp_avg),
+            seg(flat_group.flat_exp_avg_sq),
+            seg(flat_group.flat_slow),
+            *scalars,
+        )
+
+
+def _step_per_param(optimizer, group: dict, flat_group: _FlatGroup) -> None:
+    """Some params lack gradients or their step counts differ: the default path, on the
+    flat views (their new state is created in the flat buffers too)."""
+    lists: tuple[list, ...] = ([], [], [], [], [], [])
+    for param, state, start_view in zip(
+        flat_group.params, flat_group.states, flat_group.param_views
+    ):
+        if param.grad is None:
+            continue
+        if "exp_avg" not in state:
+            offset = start_view.storage_offset() - flat_group.flat_param.storage_offset()
+            state["step"] = 0
+            state["exp_avg"] = _view(flat_group.flat_exp_avg, offset, param).zero_()
+            state["exp_avg_sq"] = _view(flat_group.flat_exp_avg_sq, offset, param).zero_()
+            slow = _view(flat_group.flat_slow, offset, param)
+            slow.copy_(param.detach())
+            state["slow_param"] = slow
+        state["step"] += 1
+        for target, value in zip(
+            lists,
+            (
+                param,
+                param.grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                state["slow_param"],
+                state["step"],
+            ),
+        ):
+            target.append(value)
+    params, grads, exp_avgs, exp_avg_sqs, slow_params, steps = lists
+    if params:
+        lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
+        beta1, beta2 = group["betas"]
+        _multi_tensor_ranger(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            slow_params,
+            steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            lookahead_k=group["lookahead_k"],
+            lookahead_alpha=group["lookahead_alpha"],
+            use_gc=group["use_gc"],
+            gc_conv_only=group["gc_conv_only"],
+            rectify_threshold=group["rectify_threshold"],
+        )
+    flat_group.step = _common_step(flat_group)

@@ -1,0 +1,178 @@
+"""The opt-in fused step (``Ranger(..., fused=True)``) against the default path.
+
+The compiled kernel runs on tiny flat buffers here; the compiler caches its code on disk, so
+later runs skip most of the compile time.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from ranger_plugins import Ranger
+
+SHAPES = [
+    (6, 3, 2, 2),  # conv weight: row length 12
+    (6,),
+    (5, 12),  # linear weight sharing row length 12 with the conv
+    (5,),
+    (4, 4),
+    (3,),
+    (1, 7),  # a single row (padded in the flat buffer)
+    (),  # a scalar
+]
+
+
+def _params(dtype, seed=0, channels_last=False):
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in SHAPES:
+        value = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        if channels_last and value.dim() == 4:
+            value = value.contiguous(memory_format=torch.channels_last)
+        params.append(torch.nn.Parameter(value))
+    return params
+
+
+def _grads(params, generator, skip=()):
+    for index, param in enumerate(params):
+        grad = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+        param.grad = None if index in skip else grad.to(param.dtype)
+
+
+def _train(fused, dtype=torch.float64, steps=13, skip=lambda step: (), **kwargs):
+    params = _params(dtype, channels_last=kwargs.pop("channels_last", False))
+    optimizer = Ranger(params, lr=0.05, fused=fused, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        _grads(params, generator, skip(step))
+        for group in optimizer.param_groups:  # a schedule changing lr every step
+            group["lr"] = 0.05 * (1.0 + 0.1 * step)
+        optimizer.step()
+    return params, optimizer
+
+
+def _assert_same(params_a, opt_a, params_b, opt_b, rtol, atol):
+    for a, b in zip(params_a, params_b):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        state_a, state_b = opt_a.state[a], opt_b.state[b]
+        assert state_a.keys() == state_b.keys()
+        if state_a:
+            assert state_a["step"] == state_b["step"]
+            for key in ("exp_avg", "exp_avg_sq", "slow_param"):
+                torch.testing.assert_close(state_a[key], state_b[key], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(weight_decay=0.1), dict(use_gc=False), dict(gc_conv_only=True, channels_last=True)],
+)
+def test_fused_matches_default_path_in_float64_without_recompiling(kwargs):
+    torch._dynamo.reset()
+    counters.clear()
+    fused_params, fused_opt = _train(True, **dict(kwargs))
+    ref_params, ref_opt = _train(False, **dict(kwargs))
+    _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
+    # Two graphs whatever the number of tensors: without and with the Lookahead sync. The
+    # lr changed at every step and caused no recompile.
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_fused_state_lives_in_flat_buffers_of_exactly_three_param_sizes():
+    params, optimizer = _train(True, steps=2)
+    storages = {}
+    for param in params:
+        state = optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq", "slow_param"):
+            storages.setdefault(key, set()).add(state[key].untyped_storage().data_ptr())
+        assert param.grad.untyped_storage().data_ptr() != param.untyped_storage().data_ptr()
+    assert all(len(pointers) == 1 for pointers in storages.values())
+    state_bytes = sum(
+        optimizer.state[p][key].numel() * optimizer.state[p][key].element_size()
+        for p in params
+        for key in ("exp_avg", "exp_avg_sq", "slow_param")
+    )
+    assert state_bytes == 3 * sum(p.numel() * p.element_size() for p in params)
+
+
+def test_fused_with_low_precision_params_matches_default_path():
+    for dtype in (torch.float32, torch.bfloat16):
+        fused_params, fused_opt = _train(True, dtype=dtype)
+        ref_params, ref_opt = _train(False, dtype=dtype)
+        for param in fused_params:
+            assert fused_opt.state[param]["exp_avg"].dtype == torch.float32
+        # fp32: rounding of the fused arithmetic; bf16: one bf16 ulp of the rounded result.
+        tolerance = (
+            dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        )
+        _assert_same(fused_params, fused_opt, ref_params, ref_opt, **tolerance)
+
+
+def test_fused_steps_params_without_grads_like_the_default_path():
+    def skip(step):  # param 1 misses some steps, param 3 starts late: step counts differ
+        return {1} if step % 3 == 0 else ({3} if step < 4 else set())
+
+    fused_params, fused_opt = _train(True, skip=skip)
+    ref_params, ref_opt = _train(False, skip=skip)
+    steps = {fused_opt.state[p]["step"] for p in fused_params}
+    assert len(steps) > 1
+    _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_state_dict_round_trip_continues_exactly():
+    generator = torch.Generator().manual_seed(3)
+    params = _params(torch.float64)
+    optimizer = Ranger(params, lr=0.05, fused=True)
+    for _ in range(4):
+        _grads(params, generator)
+        optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": [p.detach().clone() for p in params], "opt": optimizer.state_dict()}, buffer
+    )
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    resumed = [torch.nn.Parameter(value) for value in checkpoint["model"]]
+    resumed_opt = Ranger(resumed, lr=0.05, fused=True)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    continuation = [torch.Generator().manual_seed(4) for _ in range(2)]
+    for _ in range(9):  # through the Lookahead sync at step 6 and 12
+        _grads(params, continuation[0])
+        optimizer.step()
+        _grads(resumed, continuation[1])
+        resumed_opt.step()
+    _assert_same(resumed, resumed_opt, params, optimizer, rtol=0, atol=0)
+    # After loading, the state was moved back into flat buffers.
+    pointers = {resumed_opt.state[p]["exp_avg"].untyped_storage().data_ptr() for p in resumed}
+    assert len(pointers) == 1
+
+
+def test_fused_lookahead_controls_and_fresh_or_kept_grads():
+    generator = torch.Generator().manual_seed(5)
+    fused_params = _params(torch.float64)
+    ref_params = _params(torch.float64)
+    fused_opt = Ranger(fused_params, lr=0.05, fused=True)
+    ref_opt = Ranger(ref_params, lr=0.05)
+    for step in range(8):
+        _grads(ref_params, generator)
+        if step % 2:  # grads kept in the flat buffer, zeroed in place, accumulated into
+            fused_opt.zero_grad(set_to_none=False)
+            for fused, ref in zip(fused_params, ref_params):
+                fused.grad.add_(ref.grad)
+        else:  # fresh grads, as after zero_grad(set_to_none=True)
+            for fused, ref in zip(fused_params, ref_params):
+                fused.grad = ref.grad.clone()
+        fused_opt.step()
+        ref_opt.step()
+    _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
+    with fused_opt.slow_weights(), ref_opt.slow_weights():
+        for fused, ref in zip(fused_params, ref_params):
+            torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-14)
+    fused_opt.sync_lookahead()
+    ref_opt.sync_lookahead()
+    _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
