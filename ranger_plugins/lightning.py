@@ -93,6 +93,25 @@ def no_decay_param_groups(
     return [group for group in groups if group["params"]]
 
 
+def _check_not_fsdp1_flattened(groups: list[dict[str, Any]], use_gc: bool) -> None:
+    """FSDP1 flattens parameters (its ``FlatParameter``, or 1-D views with
+    ``use_orig_params=True``), so per-row GC would be silently skipped: refuse instead.
+
+    The core's own guard does not catch these in torch 2.14 (a ``FlatParameter`` is a plain
+    ``Parameter`` by type name, and the guard only runs for params with more than one dim).
+    """
+    if not use_gc:
+        return
+    for group in groups:
+        for param in group["params"]:
+            if getattr(param, "_is_flat_param", False) or getattr(param, "_fsdp_flattened", False):
+                raise RuntimeError(
+                    "Gradient Centralization cannot run on FSDP1's flattened parameters (it "
+                    "would be silently skipped). Use FSDP2 (fully_shard, e.g. Lightning's "
+                    "ModelParallelStrategy), or pass use_gc=False."
+                )
+
+
 def _estimated_total_steps(module: nn.Module) -> int:
     try:
         trainer = module.trainer  # LightningModule raises RuntimeError when not attached
@@ -159,6 +178,7 @@ def ranger_optimizers(
     groups = no_decay_param_groups(
         module, weight_decay, exclude_bias_and_norm=exclude_bias_and_norm
     )
+    _check_not_fsdp1_flattened(groups, ranger_kwargs.get("use_gc", True))
     if schedule != "constant" and total_steps is None:
         total_steps = _estimated_total_steps(module)
     optimizer = Ranger(groups, lr=lr, weight_decay=weight_decay, **ranger_kwargs)

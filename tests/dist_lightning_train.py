@@ -1,0 +1,144 @@
+"""Train a tiny model with Ranger + LookaheadCallback under a Lightning strategy, save weights.
+
+Run by tests/test_distributed.py in a subprocess (Lightning's "ddp" and ModelParallelStrategy
+launch the other rank by re-running this script), and imported by it for the single-process
+reference run::
+
+    python tests/dist_lightning_train.py {ddp,fsdp2} OUT_DIR [--no-gc]
+
+Each rank writes OUT_DIR/rank{r}.pt with the full (gathered) fast and slow weights, the
+Lookahead step counts, and the validation checks.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+import lightning.pytorch as lp
+import torch
+import torch.distributed as dist
+from lightning.pytorch.demos.boring_classes import BoringModel
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ranger_plugins.lightning import LookaheadCallback, ranger_optimizers
+
+TRAIN = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+VALID = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+GLOBAL_BATCH = 8
+EPOCHS = 2  # 8 steps per epoch, k = 5: syncs at 5, 10, 15 and the final one
+
+
+class DistModel(BoringModel):
+    """Two linear layers (GC applies to both weights) and a LayerNorm; fixed data."""
+
+    def __init__(self, per_rank_batch: int, use_gc: bool = True, fsdp2: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Sequential(nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+        self.per_rank_batch = per_rank_batch
+        self.use_gc = use_gc
+        self.fsdp2 = fsdp2
+        self.validated_on_slow_weights: list[bool] = []
+
+    def configure_model(self) -> None:
+        if not self.fsdp2:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.layer:
+            fully_shard(layer, mesh=mesh)  # Shard(0): every row of a weight stays on one rank
+        fully_shard(self, mesh=mesh)
+
+    def configure_optimizers(self):
+        return ranger_optimizers(
+            self, lr=1e-2, k=5, use_gc=self.use_gc, eps=1e-5, schedule="one_cycle"
+        )
+
+    def validation_step(self, batch, batch_idx):
+        optimizer = self.trainer.optimizers[0]
+        self.validated_on_slow_weights.append(
+            len(optimizer.state) > 0
+            and all(
+                _full(p).equal(_full(optimizer.state[p]["slow_param"])) for p in self.parameters()
+            )
+        )
+        return super().validation_step(batch, batch_idx)
+
+    def _loader(self, data: torch.Tensor) -> DataLoader:
+        # Lightning's own DistributedSampler shuffles; this one keeps the single-process order,
+        # so that step s sees the same global batch (rows 8s..8s+7) on any number of ranks.
+        sampler = DistributedSampler(
+            data, self.trainer.world_size, self.trainer.global_rank, shuffle=False
+        )
+        return DataLoader(data, batch_size=self.per_rank_batch, sampler=sampler)
+
+    def train_dataloader(self):
+        return self._loader(TRAIN)
+
+    def val_dataloader(self):
+        return self._loader(VALID)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (gathers a DTensor)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def train(strategy: str, devices: int, per_rank_batch: int, use_gc: bool = True) -> dict:
+    """Fit and return the full fast/slow weights and what validation saw."""
+    fsdp2 = strategy == "fsdp2"
+    model = DistModel(per_rank_batch, use_gc=use_gc, fsdp2=fsdp2)
+    if fsdp2:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    trainer = lp.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=EPOCHS,
+        max_steps=int(os.environ.get("DIST_TEST_MAX_STEPS", -1)),
+        val_check_interval=3,
+        callbacks=[LookaheadCallback()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model)
+    optimizer = trainer.optimizers[0]
+    params = dict(model.named_parameters())
+    return {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "placements": {n: str(getattr(p, "placements", None)) for n, p in params.items()},
+        "fast": {n: _full(p).detach().clone() for n, p in params.items()},
+        "slow": {n: _full(optimizer.state[p]["slow_param"]).clone() for n, p in params.items()},
+        "steps": sorted({optimizer.state[p]["step"] for p in params.values()}),
+        "global_step": trainer.global_step,
+        "validated_on_slow_weights": model.validated_on_slow_weights,
+    }
+
+
+def main() -> None:
+    strategy, out_dir = sys.argv[1], sys.argv[2]
+    use_gc = "--no-gc" not in sys.argv
+    torch.set_num_threads(1)
+    result = train(strategy, devices=2, per_rank_batch=GLOBAL_BATCH // 2, use_gc=use_gc)
+    torch.save(result, os.path.join(out_dir, f"rank{result['rank']}.pt"))
+    # A clean gloo exit: without this, process teardown can abort with
+    # "terminate called without an active exception".
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
