@@ -30,7 +30,7 @@ from fastai.callback.core import Callback
 from fastai.optimizer import OptimWrapper, detuplify_pg
 
 from .lookahead import LookaheadControls
-from .ranger import Ranger, _check_hyperparameters
+from .ranger import Ranger, check_hyperparameters
 
 __all__ = ["RANGER_HP_MAP", "LookaheadEvalCallback", "RangerOptimWrapper", "ranger"]
 
@@ -221,7 +221,7 @@ class RangerOptimWrapper(OptimWrapper):
             targets = [decayed] if torch_key == "weight_decay" else [decayed, exempt]
             for group in targets:
                 new_group = _with_item(group, torch_key, value)
-                _check_hyperparameters(new_group)  # all checked before anything changes
+                check_hyperparameters(new_group)  # all checked before anything changes
                 updated.append((group, new_group))
         for group, new_group in updated:
             group[torch_key.split("__")[0]] = new_group[torch_key.split("__")[0]]

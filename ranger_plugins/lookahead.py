@@ -25,6 +25,8 @@ def _copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) ->
     # `torch._foreach_copy_` has no DTensor rule (FSDP2), and it needs matching dtypes.
     # Plain params count as plain tensors (`nn.Parameter` of a DTensor has the DTensor type).
     plain = (torch.Tensor, torch.nn.Parameter)
+    if not destinations:
+        return
     if all(type(d) in plain and d.dtype == s.dtype for d, s in zip(destinations, sources)):
         torch._foreach_copy_(destinations, sources)
     else:
@@ -94,26 +96,40 @@ class Lookahead(LookaheadControls, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         check_lookahead_args(k, alpha)
         self.optimizer = optimizer
-        # The base class sets up hooks and bookkeeping; then share the inner containers.
+        # The base class sets up hooks and bookkeeping; its assignments to state,
+        # param_groups and defaults are ignored until `_sharing` is set (see the properties).
         super().__init__([{"params": g["params"]} for g in optimizer.param_groups], {})
-        self._share_inner_containers()
+        self._sharing = True
         for group in self.param_groups:
             group.setdefault("lookahead_k", k)
             group.setdefault("lookahead_alpha", alpha)
         self._lookahead_defaults = {"lookahead_k": k, "lookahead_alpha": alpha}
 
-    def _share_inner_containers(self) -> None:
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
-        self.defaults = self.optimizer.defaults
+    # `state`, `param_groups` and `defaults` are the inner optimizer's, read and written
+    # through, so code that replaces them (fastai's `OptimWrapper.clear_state` assigns a new
+    # `state`) keeps the wrapper and the inner optimizer in step.
+    def _shared(name: str) -> property:
+        def get(self):
+            return getattr(self.optimizer, name)
+
+        def set(self, value) -> None:
+            if self.__dict__.get("_sharing"):
+                setattr(self.optimizer, name, value)
+
+        return property(get, set, doc=f"The inner optimizer's `{name}`.")
+
+    state = _shared("state")
+    param_groups = _shared("param_groups")
+    defaults = _shared("defaults")
+    del _shared
 
     def __repr__(self) -> str:
         k, alpha = self._lookahead_defaults.values()
         return f"Lookahead(k={k}, alpha={alpha}, optimizer={self.optimizer!r})"
 
     def add_param_group(self, param_group: dict) -> None:
-        if not hasattr(self, "_lookahead_defaults"):  # called by Optimizer.__init__
-            return super().add_param_group(param_group)
+        if not self.__dict__.get("_sharing"):  # Optimizer.__init__: the groups already exist
+            return
         check_lookahead_args(
             param_group.get("lookahead_k", self._lookahead_defaults["lookahead_k"]),
             param_group.get("lookahead_alpha", self._lookahead_defaults["lookahead_alpha"]),
@@ -132,11 +148,14 @@ class Lookahead(LookaheadControls, Optimizer):
             **super().__getstate__(),
             "optimizer": self.optimizer,
             "_lookahead_defaults": self._lookahead_defaults,
+            "_sharing": True,
         }
 
     def __setstate__(self, state: dict) -> None:
+        # The shared containers come back through the inner optimizer, pickled beside them.
+        for name in ("state", "param_groups", "defaults"):
+            state.pop(name, None)
         super().__setstate__(state)
-        self._share_inner_containers()
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Run the closure (if any) under ``enable_grad``, the inner step, then due syncs."""
@@ -178,10 +197,7 @@ class Lookahead(LookaheadControls, Optimizer):
                 group.get("lookahead_k", self._lookahead_defaults["lookahead_k"]),
                 group.get("lookahead_alpha", self._lookahead_defaults["lookahead_alpha"]),
             )
-        try:
-            load_state_dict_safely(self.optimizer, state_dict, self.optimizer.load_state_dict)
-        finally:
-            self._share_inner_containers()
+        load_state_dict_safely(self.optimizer, state_dict, self.optimizer.load_state_dict)
         # A state dict of the bare inner optimizer loads too, with this wrapper's k/alpha.
         for group in self.param_groups:
             for key, value in self._lookahead_defaults.items():

@@ -118,13 +118,13 @@ class Ranger(LookaheadControls, Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        _check_hyperparameters(defaults)
+        check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Validate the merged group before the base class appends it, so a bad group
         # leaves the optimizer as it was.
-        _check_hyperparameters({**self.defaults, **param_group})
+        check_hyperparameters({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -139,7 +139,7 @@ class Ranger(LookaheadControls, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; a mismatched one raises and leaves the optimizer unchanged."""
         for group in state_dict.get("param_groups", []):
-            _check_hyperparameters({**self.defaults, **group})
+            check_hyperparameters({**self.defaults, **group})
         load_state_dict_safely(self, state_dict, super().load_state_dict)
 
     def _init_group(
@@ -224,7 +224,7 @@ class Ranger(LookaheadControls, Optimizer):
         return loss
 
 
-def _check_hyperparameters(group: dict[str, Any]) -> None:
+def check_hyperparameters(group: dict[str, Any]) -> None:
     """Raise a `ValueError` naming the first out-of-range hyperparameter."""
     lr = group["lr"]
     if not 0.0 <= lr:

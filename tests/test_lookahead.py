@@ -397,3 +397,35 @@ def test_generic_lookahead_deepcopy_and_pickle_continue_identically(copier):
     run(optimizer, params, 5, start=4)
     run(clone, clone_params_, 5, start=4)
     assert_same_state(optimizer, params, clone, clone_params_)
+
+
+@pytest.mark.parametrize("factory", FACTORIES.values(), ids=FACTORIES.keys())
+def test_controls_before_any_step_change_nothing(factory):
+    params = make_params()
+    before = clone_params(params)
+    optimizer = factory(params)
+    with optimizer.slow_weights():
+        assert_same(params, before)
+    optimizer.sync_lookahead()
+    assert_same(params, before)
+
+
+def test_replacing_the_wrappers_state_replaces_the_inner_optimizers():
+    # fastai's OptimWrapper.clear_state assigns a new `state` to the optimizer it wraps.
+    params = make_params()
+    optimizer = wrapped_adamw(params)
+    run(optimizer, params, 2)
+    optimizer.state = type(optimizer.state)(dict)
+    assert optimizer.state is optimizer.optimizer.state and len(optimizer.optimizer.state) == 0
+    run(optimizer, params, 1)
+    assert optimizer.optimizer.state[params[0]]["step"] == 1
+    assert optimizer.state[params[0]]["lookahead_step"] == 1
+
+
+def test_fastai_clear_state_resets_the_wrapped_lookahead():
+    fastai_optimizer = pytest.importorskip("fastai.optimizer")
+    params = make_params()
+    optimizer = wrapped_adamw(params)
+    run(optimizer, params, 2)
+    fastai_optimizer.OptimWrapper(opt=optimizer).clear_state()
+    assert len(optimizer.optimizer.state) == 0 and optimizer.state is optimizer.optimizer.state
