@@ -335,6 +335,65 @@ def test_checkpoint_holds_slow_weights_and_monitors_see_slow_metrics(tmp_path):
     assert metrics["val_loss"] == pytest.approx(checkpoint.best_model_score.item(), rel=1e-6)
 
 
+def test_checkpoint_saved_from_inside_validation(tmp_path):
+    saved_fast = {}
+
+    class SaveDuringValidation(Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 0 and "state" not in saved_fast:
+                optimizer = trainer.optimizers[0]
+                with torch.no_grad():  # the model holds the slow weights right now
+                    assert all(
+                        torch.equal(p, optimizer.state[p]["slow_param"])
+                        for p in pl_module.parameters()
+                    )
+                trainer.save_checkpoint(tmp_path / "inside.ckpt")
+                saved_fast["state"] = _optimizer_state(optimizer)
+
+    class RecordFastAtValidationStart(Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:  # runs before LookaheadCallback's swap
+                saved_fast["fast"] = dict(
+                    (n, p.detach().clone()) for n, p in pl_module.named_parameters()
+                )
+                saved_fast["slow"] = {
+                    n: trainer.optimizers[0].state[p]["slow_param"].clone()
+                    for n, p in pl_module.named_parameters()
+                }
+
+    torch.manual_seed(0)
+    model = RangerModel(k=5)
+    trainer = _trainer(callbacks=[RecordFastAtValidationStart(), SaveDuringValidation()])
+    trainer.fit(model)
+    assert all(model.validated_on_slow_weights)  # still slow after the save
+    checkpoint = torch.load(tmp_path / "inside.ckpt", weights_only=True)
+    for name in saved_fast["fast"]:
+        assert torch.equal(checkpoint["state_dict"][name], saved_fast["slow"][name])
+        assert torch.equal(checkpoint[FAST_STATE_KEY][name], saved_fast["fast"][name])
+    # Training was not disturbed by the save: same as a run without it.
+    torch.manual_seed(0)
+    plain = RangerModel(k=5)
+    _trainer().fit(plain)
+    _assert_bitwise(_params(model), _params(plain))
+
+
+def test_callback_drives_the_generic_lookahead_wrapper():
+    from ranger_plugins import Lookahead
+
+    class AdamWLookaheadModel(RangerModel):
+        def configure_optimizers(self):
+            return Lookahead(torch.optim.AdamW(self.parameters(), lr=1e-2), k=3)
+
+    torch.manual_seed(0)
+    model = AdamWLookaheadModel()
+    trainer = _trainer(val_check_interval=4)
+    trainer.fit(model)
+    assert len(model.validated_on_slow_weights) == 2 * 2 * 2
+    assert all(model.validated_on_slow_weights)
+    optimizer = trainer.optimizers[0]
+    assert all(torch.equal(p, optimizer.state[p]["slow_param"]) for p in model.parameters())
+
+
 class SimulatedCrash(RuntimeError):
     pass
 
@@ -375,8 +434,10 @@ def test_resume_after_crash_matches_uninterrupted_run_bitwise(tmp_path, precisio
 
     torch.manual_seed(1)  # a different init: everything must come from the checkpoint
     resumed = RangerModel(k=k)
-    resume_trainer = _trainer(max_epochs=epochs, precision=precision)
+    # With a sanity check: it runs after the optimizer state is restored, on the slow weights.
+    resume_trainer = _trainer(max_epochs=epochs, precision=precision, num_sanity_val_steps=1)
     resume_trainer.fit(resumed, ckpt_path=last.last_model_path)
+    assert len(resumed.validated_on_slow_weights) == 1 + 2 * 2
     assert resume_trainer.global_step == full_trainer.global_step == 24
     _assert_bitwise(_params(resumed), _params(uninterrupted))
     _assert_same_state(
@@ -491,6 +552,9 @@ def test_lightning_cli_with_ranger_optimizer_and_callback(tmp_path):
             "--optimizer.lr=0.01",
             "--optimizer.k=3",
             "--optimizer.betas=[0.9, 0.99]",
+            "--lr_scheduler=ranger_plugins.schedules.FlatCosineLR",
+            "--lr_scheduler.total_steps=4",
+            "--lr_scheduler.pct_start=0.5",
             "--trainer.callbacks=ranger_plugins.lightning.LookaheadCallback",
             "--trainer.max_steps=4",
             "--trainer.limit_val_batches=1",
@@ -509,6 +573,8 @@ def test_lightning_cli_with_ranger_optimizer_and_callback(tmp_path):
     assert group["lr"] == 0.01 and group["lookahead_k"] == 3 and group["betas"] == (0.9, 0.99)
     assert {s["step"] for s in optimizer.state.values()} == {4}
     assert any(isinstance(cb, LookaheadCallback) for cb in cli.trainer.callbacks)
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert isinstance(scheduler, FlatCosineLR) and scheduler.pct_start == 0.5
     assert all(cli.model.validated_on_slow_weights)
 
 
