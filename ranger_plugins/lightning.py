@@ -220,8 +220,8 @@ def _has_slow_weights(optimizer: LookaheadControls) -> bool:
 
 def _enter_slow_weights(stack: contextlib.ExitStack, optimizers: list[LookaheadControls]) -> None:
     for optimizer in optimizers:
-        # Before the first step there are no slow weights. (Also sidesteps a core bug:
-        # `slow_weights()` raises on an empty `torch._foreach_copy_` when nothing stepped.)
+        # Before the first step there are no slow weights: nothing to swap (and early core
+        # versions raised on the empty copy).
         if _has_slow_weights(optimizer):
             stack.enter_context(optimizer.slow_weights())
 

@@ -82,7 +82,11 @@ class OptimizerStepLR(LRScheduler):
                 scheduler.optimizer_steps += 1
 
         self._step_hook = optimizer.register_step_post_hook(count_optimizer_step)
-        super().__init__(optimizer, last_epoch)
+        try:
+            super().__init__(optimizer, last_epoch)
+        except BaseException:
+            self._step_hook.remove()  # a failed construction leaves the optimizer as it was
+            raise
 
     def lr_factor(self, step: int) -> float:
         """The multiplier of each group's base lr after ``step`` optimizer steps."""

@@ -232,3 +232,16 @@ def test_step_with_epoch_is_refused():
     scheduler = FlatCosineLR(_optimizer(), total_steps=3)
     with pytest.raises(TypeError, match="epoch"):
         scheduler.step(2)
+
+
+def test_failed_construction_detaches_its_step_hook():
+    optimizer = _optimizer()
+    with pytest.raises(KeyError, match="initial_lr"):  # resuming needs the optimizer's state
+        FlatCosineLR(optimizer, total_steps=5, last_epoch=3)
+    assert len(optimizer._optimizer_step_post_hooks) == 0
+    scheduler = FlatCosineLR(optimizer, total_steps=5)
+    assert len(optimizer._optimizer_step_post_hooks) == 1
+    scheduler.remove_hook()
+    _step_all(optimizer)
+    scheduler.step()
+    assert scheduler.optimizer_steps == 0 and scheduler.last_epoch == 0
