@@ -85,6 +85,8 @@ def train_fastai(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult:
 
     ``path`` is an ImageNet-style folder, or None for the digits.
     """
+    import fastai.callback.progress  # noqa: F401  (the progress bar, a default callback once imported)
+    import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_flat_cos / fit_one_cycle)
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy

@@ -1,0 +1,67 @@
+"""Ranger in a plain PyTorch loop, on scikit-learn's digits (no download, torch only).
+
+Evaluation runs under ``opt.slow_weights()``: Lookahead's slow weights are put into the
+model, and the fast weights are restored exactly when the block ends.
+
+    python examples/plain_torch.py              # 5 epochs
+    EXAMPLE_QUICK=1 python examples/plain_torch.py
+"""
+
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ranger_plugins import Ranger
+from ranger_plugins.recipes import digits_split
+from ranger_plugins.schedules import FlatCosineLR
+
+# EXAMPLE_QUICK=1 (the tests): one epoch on the original 8-px images.
+QUICK = os.environ.get("EXAMPLE_QUICK") == "1"
+EPOCHS, SIZE = (1, 8) if QUICK else (5, 16)
+torch.manual_seed(42)
+
+digits = digits_split(size=SIZE)
+train = DataLoader(TensorDataset(digits.x_train, digits.y_train), batch_size=64, shuffle=True)
+valid = DataLoader(TensorDataset(digits.x_valid, digits.y_valid), batch_size=256)
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.Mish()
+    )
+
+
+model = nn.Sequential(
+    conv_block(1, 32), conv_block(32, 32), nn.MaxPool2d(2),
+    conv_block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+)  # fmt: skip
+
+# No weight decay on norm layers and biases (1-D parameters), as in the leaderboard recipe.
+decay = [p for p in model.parameters() if p.ndim > 1]
+no_decay = [p for p in model.parameters() if p.ndim <= 1]
+opt = Ranger(
+    [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+    lr=8e-3, betas=(0.95, 0.99), eps=1e-6, weight_decay=1e-2,
+)  # fmt: skip
+scheduler = FlatCosineLR(opt, total_steps=EPOCHS * len(train), pct_start=0.72)
+loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+for epoch in range(EPOCHS):
+    model.train()
+    for images, labels in train:
+        loss = loss_fn(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        scheduler.step()
+
+    model.eval()
+    with opt.slow_weights(), torch.no_grad():  # evaluate Lookahead's slow weights
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in valid)
+    print(
+        f"epoch {epoch + 1}: train loss {loss.item():.4f}, valid accuracy {correct / len(digits.y_valid):.4f}"
+    )
+
+opt.sync_lookahead()  # end on the synced slow weights: model.state_dict() is what to save
