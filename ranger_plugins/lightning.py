@@ -226,6 +226,16 @@ def _enter_slow_weights(stack: contextlib.ExitStack, optimizers: list[LookaheadC
             stack.enter_context(optimizer.slow_weights())
 
 
+@torch.no_grad()
+def _load_slow_weights(optimizer: LookaheadControls) -> None:
+    """Make the fast weights equal to the slow ones (no interpolation)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            slow = optimizer.state.get(param, {}).get("slow_param")
+            if slow is not None:
+                param.copy_(slow.to(param.dtype))
+
+
 def _detached_copy(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {
         key: value.detach().clone() if isinstance(value, torch.Tensor) else value
@@ -248,9 +258,9 @@ class LookaheadCallback(*_callback_bases()):
       ``Model.load_from_checkpoint`` gives the evaluated model; the fast weights are saved
       beside them under ``"lookahead_fast_state_dict"`` and put back when ``fit`` resumes
       from the checkpoint, so training continues exactly.
-    * At the end of ``fit`` (``sync_on_train_end``) a final Lookahead sync is made: the slow
-      weights take the last fast steps into account and the model holds them (fast = slow),
-      so a later ``trainer.test``/``predict`` or ``save_checkpoint`` uses them.
+    * At the end of ``fit`` the model is left with the weights chosen by
+      ``weights_after_fit`` (by default the synced slow weights), which a later
+      ``trainer.test``/``predict`` or ``save_checkpoint`` then uses.
 
     The optimizer does the Lookahead itself (its state holds the slow weights and the step
     counts); this callback only decides which weights the model holds when. Automatic and
@@ -258,12 +268,23 @@ class LookaheadCallback(*_callback_bases()):
     (a skipped step changes nothing in the optimizer) need nothing special.
 
     Args:
-        sync_on_train_end: make a final Lookahead sync at the end of ``fit``. Without it the
-            model keeps its fast weights after ``fit``.
+        weights_after_fit: what the model holds when ``fit`` ends:
+
+            * ``"synced"`` (default): a final Lookahead sync, so the slow weights also take
+              the fast steps since the last sync into account; the model holds them and
+              fast = slow.
+            * ``"slow"``: the slow weights as they are, exactly what the last validation
+              evaluated (fast = slow; the steps since the last sync are dropped).
+            * ``"fast"``: the fast weights, as without this callback.
     """
 
-    def __init__(self, sync_on_train_end: bool = True) -> None:
-        self.sync_on_train_end = sync_on_train_end
+    def __init__(self, weights_after_fit: Literal["synced", "slow", "fast"] = "synced") -> None:
+        choices = ("synced", "slow", "fast")
+        if weights_after_fit not in choices:
+            raise ValueError(
+                f"Invalid weights_after_fit: {weights_after_fit!r} (must be one of {choices})"
+            )
+        self.weights_after_fit = weights_after_fit
         # The open `slow_weights()` contexts while validation runs on the slow weights.
         self._slow_weights_stack: contextlib.ExitStack | None = None
 
@@ -312,19 +333,24 @@ class LookaheadCallback(*_callback_bases()):
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.sync_on_train_end:
-            for optimizer in _lookahead_optimizers(trainer.optimizers):
+        for optimizer in _lookahead_optimizers(trainer.optimizers):
+            if self.weights_after_fit == "synced":
                 optimizer.sync_lookahead()
+            elif self.weights_after_fit == "slow":
+                _load_slow_weights(optimizer)
 
     # -- checkpoints -----------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"sync_on_train_end": self.sync_on_train_end, "fast_state_key": FAST_STATE_KEY}
+        # Its presence in a checkpoint makes Lightning warn when a run resumes without this
+        # callback (the model would then train on from the slow weights).
+        return {"weights_after_fit": self.weights_after_fit, "fast_state_key": FAST_STATE_KEY}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sync_on_train_end = state_dict.get("sync_on_train_end", self.sync_on_train_end)
+        # The configuration comes from the constructor; the checkpoint's copy is informative.
+        pass
 
     @override
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

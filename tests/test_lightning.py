@@ -280,14 +280,34 @@ def test_training_matches_a_plain_torch_loop_and_ends_on_the_synced_slow_weights
     _assert_bitwise([model_optimizer.state[p]["slow_param"] for p in model.parameters()], expected)
 
 
-def test_without_final_sync_the_model_keeps_fast_weights():
+@pytest.mark.parametrize("weights_after_fit", ["slow", "fast"])
+def test_weights_after_fit_slow_or_fast(weights_after_fit):
+    recorded = {}
+
+    class RecordBeforeTrainEnd(Callback):
+        def on_train_end(self, trainer, pl_module):  # runs before LookaheadCallback's
+            optimizer = trainer.optimizers[0]
+            recorded["fast"] = _params(pl_module)
+            recorded["slow"] = [
+                optimizer.state[p]["slow_param"].clone() for p in pl_module.parameters()
+            ]
+
     torch.manual_seed(0)
     model = RangerModel(k=5)
-    trainer = _trainer(max_epochs=2, lookahead=False)
-    trainer.callbacks.append(LookaheadCallback(sync_on_train_end=False))
+    trainer = _trainer(max_epochs=2, callbacks=[RecordBeforeTrainEnd()], lookahead=False)
+    trainer.callbacks.append(LookaheadCallback(weights_after_fit=weights_after_fit))
     trainer.fit(model)
+    assert not all(torch.equal(f, s) for f, s in zip(recorded["fast"], recorded["slow"]))
+    _assert_bitwise(_params(model), recorded[weights_after_fit])
     optimizer = trainer.optimizers[0]
-    assert not all(torch.equal(p, optimizer.state[p]["slow_param"]) for p in model.parameters())
+    _assert_bitwise(
+        [optimizer.state[p]["slow_param"] for p in model.parameters()], recorded["slow"]
+    )
+
+
+def test_weights_after_fit_is_validated():
+    with pytest.raises(ValueError, match="weights_after_fit"):
+        LookaheadCallback(weights_after_fit="average")
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -323,7 +343,7 @@ def test_checkpoint_holds_slow_weights_and_monitors_see_slow_metrics(tmp_path):
         not torch.equal(saved[FAST_STATE_KEY][n], saved["state_dict"][n])
         for n in saved["state_dict"]
     )
-    assert saved["callbacks"]["LookaheadCallback"]["sync_on_train_end"] is True
+    assert saved["callbacks"]["LookaheadCallback"]["weights_after_fit"] == "synced"
     # load_from_checkpoint gives the evaluated model: its val_loss is the monitored score.
     loaded = RangerModel.load_from_checkpoint(checkpoint.best_model_path)
     with torch.no_grad():
