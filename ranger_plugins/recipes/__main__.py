@@ -49,8 +49,10 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     d, f = DIGITS_DEFAULTS, FOLDER_DEFAULTS
+    invoked_as = Path(sys.argv[0]).name
     parser = argparse.ArgumentParser(
-        prog="python -m ranger_plugins.recipes",
+        # `ranger-recipes` (the console script) or `python -m ranger_plugins.recipes`.
+        prog=invoked_as if invoked_as == "ranger-recipes" else "python -m ranger_plugins.recipes",
         description="Train the Mish + Ranger recipe (and a ReLU + AdamW + one-cycle baseline).",
     )
     parser.add_argument("--engine", choices=ENGINES, default="fastai", help="default: fastai")

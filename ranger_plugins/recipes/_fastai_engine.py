@@ -9,7 +9,7 @@ import torch
 
 from ._config import LABEL_SMOOTHING, RANGER_HYPERS, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
 from ._data import EngineUnavailableError, check_image_folder, digits_split
-from ._models import ACTIVATION_NAMES, build_xresnet
+from ._models import build_xresnet, model_name
 
 __all__ = ["train_fastai"]
 
@@ -141,7 +141,7 @@ def train_fastai(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult:
         lrs=history.lrs,
         valid_iters=[per_epoch * (epoch + 1) for epoch in range(len(values))],
         valid_losses=[row[1] for row in values],
-        model_name=f"{config.arch} + {ACTIVATION_NAMES[spec.activation]}",
+        model_name=model_name(config.arch, spec.activation, config.self_attention),
         model=learn.model,
         # RangerOptimWrapper keeps the core optimizer in `.opt`; fastai's own Adam is itself.
         optimizer=getattr(learn.opt, "opt", learn.opt),

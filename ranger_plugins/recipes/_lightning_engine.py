@@ -10,7 +10,7 @@ from torch import nn
 
 from ._config import LABEL_SMOOTHING, RANGER_HYPERS, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
 from ._data import EngineUnavailableError, check_image_folder, digits_split
-from ._models import ACTIVATION_NAMES, build_xresnet
+from ._models import build_xresnet, model_name
 
 __all__ = ["train_lightning"]
 
@@ -239,7 +239,7 @@ def train_lightning(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult
         lrs=history.lrs,
         valid_iters=module.valid_iters,
         valid_losses=module.valid_losses,
-        model_name=f"{config.arch} + {ACTIVATION_NAMES[spec.activation]}",
+        model_name=model_name(config.arch, spec.activation, config.self_attention),
         model=module.model,
         optimizer=trainer.optimizers[0],
     )

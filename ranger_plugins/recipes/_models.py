@@ -48,3 +48,9 @@ def build_xresnet(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     return ARCHS[arch](n_out=n_out, c_in=c_in, act_cls=ACTIVATIONS[activation], sa=self_attention)
+
+
+def model_name(arch: str, activation: str, self_attention: bool = False) -> str:
+    """How the table names a model, e.g. ``xresnet50 + Mish + self-attention``."""
+    name = f"{arch} + {ACTIVATION_NAMES[activation]}"
+    return f"{name} + self-attention" if self_attention else name
