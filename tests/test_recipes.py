@@ -97,32 +97,41 @@ def test_build_xresnet_activations():
 
 
 @pytest.mark.slow
-def test_digits_recipe_and_baseline_with_fastai(tmp_path, capsys):
-    """The main job's path: both runs, fastai's schedules, the table and the PNG."""
+def test_digits_main_job_with_fastai(tmp_path, capsys, monkeypatch):
+    """The main job's path, one short epoch: both runs with fastai's schedules and the
+    leaderboard optimizer settings, then the table and the PNG."""
+    import ranger_plugins.recipes.__main__ as cli
+
+    trained = []
+
+    def train_runs_spy(config, path):
+        trained.append((config, cli_train_runs(config, path)))
+        return trained[-1][1]
+
+    cli_train_runs = cli.train_runs
+    monkeypatch.setattr(cli, "train_runs", train_runs_spy)
     output = tmp_path / "digits.png"
-    code = main(["--epochs", "1", "--size", "16", "--output", str(output)])
-    assert code == 0
+    assert main(["--epochs", "1", "--size", "16", "--output", str(output)]) == 0
+
     printed = capsys.readouterr().out
     assert output.read_bytes().startswith(PNG_MAGIC)
     assert str(output.resolve()) in printed
     table = [line for line in printed.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| run |")
-    assert table[1].startswith("| recipe | xresnet_tiny + Mish | Ranger | flat + cosine")
-    assert table[2].startswith("| baseline | xresnet_tiny + ReLU | AdamW | one-cycle")
+    assert table[1].startswith("| recipe | xresnet_tiny + Mish | Ranger | flat + cosine | 1 |")
+    assert table[2].startswith("| baseline | xresnet_tiny + ReLU | AdamW | one-cycle | 1 |")
 
-
-@pytest.mark.slow
-def test_digits_schedules_and_optimizers(tmp_path):
-    config = RecipeConfig(epochs=1, size=16, lr=8e-3, output=tmp_path / "d.png")
-    recipe, baseline = run_recipe(config)
+    ((config, (recipe, baseline)),) = trained
+    assert config.lr == 8e-3 and config.pct_start == 0.72 and config.seed == 42
     iterations = 1437 // config.bs  # the training split, drop_last
-
     assert len(recipe.train_losses) == len(recipe.lrs) == iterations
     reference = _flat_cos_reference(config.lr, config.pct_start, iterations)
     assert recipe.lrs == pytest.approx(reference, rel=1e-6)
     _assert_leaderboard_ranger(recipe.optimizer, recipe.model)
     assert 0.0 <= recipe.accuracy <= 1.0 and math.isfinite(recipe.valid_loss)
+    assert f"{recipe.accuracy:.2%}" in table[1]
     assert recipe.valid_iters == [iterations]
+    assert not any(isinstance(m, nn.ReLU) for m in recipe.model.modules())
 
     # One-cycle: warm up from lr/25 to lr over the first 25%, then anneal to about lr/1e5.
     assert baseline.lrs[0] == pytest.approx(config.lr / 25, rel=1e-6)
@@ -130,7 +139,6 @@ def test_digits_schedules_and_optimizers(tmp_path):
     assert baseline.lrs[-1] < config.lr / 100
     assert not isinstance(baseline.optimizer, Ranger)
     assert sum(isinstance(m, nn.ReLU) for m in baseline.model.modules()) > 0
-    assert not any(isinstance(m, nn.ReLU) for m in recipe.model.modules())
 
 
 @pytest.mark.slow
