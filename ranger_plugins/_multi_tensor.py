@@ -31,6 +31,8 @@ from .lookahead import _copy_into
 # Elements per wave: 2 MiB per fp32 operand, so the five operands of a wave (p, grad, m, v and
 # the denominator) stay in the last-level cache between the operations of the wave.
 _WAVE_NUMEL = 1 << 19
+# Waves of small models are smaller: the temporaries of a wave stay under ~5% of the params.
+_MIN_WAVE_NUMEL = 1 << 16
 # GC of gradients smaller than this is batched by row length.
 _SMALL_GC_NUMEL = 1 << 15
 
@@ -75,6 +77,10 @@ def _multi_tensor_ranger(
 
         multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
         sync = step % lookahead_k == 0
+        device = bucket_exp_avgs[0].device
+        beta2_scalar = _scalar(beta2, work_dtype, device)
+        eps_scalar = _scalar(eps, work_dtype, device)
+        decay = _scalar(1.0 - lr * weight_decay, work_dtype, device)
         waves = _plan_waves(
             fast,
             bucket_grads,
@@ -84,18 +90,28 @@ def _multi_tensor_ranger(
             use_gc,
             gc_conv_only,
         )
+        scratch = None  # one wave's sqrt(v) + eps, reused across the single-chunk waves
         for wave in waves:
             wave_params, wave_grads, wave_exp_avgs, wave_exp_avg_sqs, wave_slow, gc_rows = wave
             for rows in gc_rows:
                 rows.sub_(rows.mean(dim=1, keepdim=True))
             if weight_decay != 0:
-                torch._foreach_mul_(wave_params, 1.0 - lr * weight_decay)
+                torch._foreach_mul_(wave_params, decay)
             torch._foreach_lerp_(wave_exp_avgs, wave_grads, 1.0 - beta1)
-            torch._foreach_mul_(wave_exp_avg_sqs, beta2)
+            torch._foreach_mul_(wave_exp_avg_sqs, beta2_scalar)
             torch._foreach_addcmul_(wave_exp_avg_sqs, wave_grads, wave_grads, 1.0 - beta2)
             if adaptive:
-                denominators = torch._foreach_sqrt(wave_exp_avg_sqs)
-                torch._foreach_add_(denominators, eps)
+                if len(wave_exp_avg_sqs) == 1 and wave_exp_avg_sqs[0].numel() <= _WAVE_NUMEL:
+                    # A chunk of a large tensor: a fresh buffer this size would be mapped anew
+                    # (page faults) on every wave.
+                    (exp_avg_sq,) = wave_exp_avg_sqs
+                    if scratch is None or scratch.numel() < exp_avg_sq.numel():
+                        scratch = torch.empty(exp_avg_sq.numel(), dtype=work_dtype, device=device)
+                    view = scratch[: exp_avg_sq.numel()].view(exp_avg_sq.shape)
+                    denominators = [torch.sqrt(exp_avg_sq, out=view)]
+                else:
+                    denominators = torch._foreach_sqrt(wave_exp_avg_sqs)
+                torch._foreach_add_(denominators, eps_scalar)
                 torch._foreach_addcdiv_(wave_params, wave_exp_avgs, denominators, -lr * multiplier)
                 del denominators
             else:
@@ -105,6 +121,16 @@ def _multi_tensor_ranger(
                 _copy_into(wave_params, wave_slow)
         if fast is not bucket_params:
             _copy_into(bucket_params, fast)
+
+
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> float | torch.Tensor:
+    # On CPU a foreach op given a Python number wraps it into a new tensor for every tensor of
+    # the list (a few microseconds each); a 0-d tensor of the list's dtype gives the same
+    # values and is made once. On accelerators the number stays a number: a device tensor
+    # would cost a host-to-device copy.
+    if device.type == "cpu":
+        return torch.tensor(value, dtype=dtype)
+    return value
 
 
 def _chunkable(*tensors: torch.Tensor) -> bool:
@@ -120,6 +146,7 @@ def _plan_waves(params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_co
     the wave's gradient pieces still to be centralized. Gradients that are centralized here
     (small ones, batched; and any that cannot be cut into rows) are done before returning.
     """
+    wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, sum(p.numel() for p in params) // 24))
     pieces: list[tuple] = []  # (numel, p, g, m, v, slow, gc_rows or None)
     small_gc: dict[int, list[torch.Tensor]] = defaultdict(list)
     for param, grad, exp_avg, exp_avg_sq, slow in zip(
@@ -127,7 +154,7 @@ def _plan_waves(params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_co
     ):
         numel = param.numel()
         gc = use_gc and _gc_applies(grad, gc_conv_only)
-        chunkable = numel > _WAVE_NUMEL and _chunkable(param, grad, exp_avg, exp_avg_sq, slow)
+        chunkable = numel > wave_numel and _chunkable(param, grad, exp_avg, exp_avg_sq, slow)
         if not chunkable:
             if gc:
                 if numel < _SMALL_GC_NUMEL and _chunkable(grad):
@@ -137,20 +164,28 @@ def _plan_waves(params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_co
             pieces.append((numel, param, grad, exp_avg, exp_avg_sq, slow, None))
             continue
         row_length = numel // grad.shape[0] if gc else 1
-        chunk = max(1, _WAVE_NUMEL // row_length) * row_length
+        chunk = max(1, wave_numel // row_length) * row_length
         flats = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq, slow)]
         for start in range(0, numel, chunk):
             views = [flat[start : start + chunk] for flat in flats]
             rows = views[1].view(-1, row_length) if gc else None
             pieces.append((views[0].numel(), *views, rows))
     for same_length in small_gc.values():
-        _centralize_batched(same_length)
+        batch: list[torch.Tensor] = []
+        batch_numel = 0
+        for grad in same_length:  # the concatenated copy stays within one wave's size
+            if batch and batch_numel + grad.numel() > wave_numel:
+                _centralize_batched(batch)
+                batch, batch_numel = [], 0
+            batch.append(grad)
+            batch_numel += grad.numel()
+        _centralize_batched(batch)
 
     waves = []
     current: list[tuple] = []
     current_numel = 0
     for piece in pieces:
-        if current and current_numel + piece[0] > _WAVE_NUMEL:
+        if current and current_numel + piece[0] > wave_numel:
             waves.append(_wave(current))
             current, current_numel = [], 0
         current.append(piece)
