@@ -162,7 +162,7 @@ class Ranger(LookaheadControls, Optimizer):
                     "Ranger does not support complex parameters; optimize "
                     "torch.view_as_real(param) instead"
                 )
-            if group["use_gc"] and param.dim() > 1:
+            if group["use_gc"]:  # also 1-D params: FSDP1 flattens every param to 1-D
                 _check_gc_supported(param)
         for param in with_grad:
             state = self.state[param]
@@ -249,7 +249,9 @@ def check_hyperparameters(group: dict[str, Any]) -> None:
 
 def _check_gc_supported(param: torch.Tensor) -> None:
     """GC needs whole rows (dims 1..n) on each device; refuse shardings that split them."""
-    if type(param).__name__ == "FlatParameter":
+    # FSDP1 marks the params it flattens (its FlatParameter, and with use_orig_params the 1-D
+    # views of it). Their type is plain `Parameter`, so look at the marks, not the type.
+    if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
         raise RuntimeError(
             "Gradient Centralization cannot run on FSDP1's flattened 1-D parameters (it would "
             "be silently skipped). Use FSDP2 (fully_shard), or pass use_gc=False."
@@ -258,7 +260,8 @@ def _check_gc_supported(param: torch.Tensor) -> None:
         if placement.is_shard() and placement.dim != 0:
             raise RuntimeError(
                 f"Gradient Centralization needs each row of a parameter on one rank, but a "
-                f"parameter is sharded as {placement} (only Shard(0) keeps rows whole). "
+                f"parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim} "
+                f"(placements {tuple(param.placements)}; only Shard(0) keeps rows whole). "
                 "Shard on dim 0, or pass use_gc=False."
             )
 

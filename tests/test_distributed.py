@@ -129,11 +129,5 @@ def test_ranger_optimizers_refuses_fsdp1_flattened_params(sharding_results):
         assert set(rank["fsdp1"]["adapter_messages"]) == {False, True}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: ranger.py's _check_gc_supported tests type(p).__name__ == 'FlatParameter' "
-    "(a FlatParameter's type is Parameter in torch 2.14) and only for p.dim() > 1, so FSDP1 "
-    "silently skips GC; ranger_optimizers guards the Lightning path",
-)
 def test_core_ranger_refuses_fsdp1_flat_parameter(sharding_results):
     assert all(rank["fsdp1"]["core_refuses"] for rank in sharding_results)
