@@ -177,6 +177,12 @@ def test_image_folder_path_trains_with_both_engines(engine, image_folder, tmp_pa
         assert decays == [0.0, pytest.approx(1e-2)]
 
 
+def test_batch_larger_than_the_folder_is_a_clear_error(image_folder, tmp_path, capsys):
+    argv = ["--data", str(image_folder), "--arch", "xresnet_tiny", "--size", "32", "--bs", "64"]
+    assert main([*argv, "--workers", "0", "--output", str(tmp_path / "x.png")]) == 2
+    assert "--bs 64 is larger than the training set" in capsys.readouterr().err
+
+
 def test_bad_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)
     assert main(["--data", str(tmp_path)]) == 2

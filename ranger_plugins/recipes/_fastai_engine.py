@@ -59,6 +59,11 @@ def _dataloaders(config: RecipeConfig, path):
         batch_tfms=Normalize.from_stats(*imagenet_stats),
     )
     dls = block.dataloaders(path, bs=config.bs, num_workers=config.workers)
+    if len(dls.train) == 0:  # fastai drops the last partial training batch
+        raise ValueError(
+            f"--bs {config.bs} is larger than the training set of {path} "
+            f"({len(dls.train_ds)} images); pass a smaller --bs"
+        )
     return dls, len(classes), 3
 
 
