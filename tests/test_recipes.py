@@ -90,6 +90,9 @@ def test_build_xresnet_activations():
     assert mish > 0
     assert sum(isinstance(m, nn.ReLU) for m in baseline.modules()) == mish
     assert recipe(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    se_resnext = build_xresnet("xse_resnext50", 3, activation="mish", self_attention=True)
+    assert not any(isinstance(m, nn.ReLU) for m in se_resnext.modules())
+    assert se_resnext[-1].out_features == 3
     with pytest.raises(ValueError, match="arch"):
         build_xresnet("resnet9000", 10)
     with pytest.raises(ValueError, match="activation"):

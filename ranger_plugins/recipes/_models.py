@@ -32,6 +32,8 @@ ARCHS = {
     "xresnet18": _fastai_arch("xresnet18"),
     "xresnet34": _fastai_arch("xresnet34"),
     "xresnet50": _fastai_arch("xresnet50"),
+    # The 2020 leaderboard baseline's network (squeeze-excitation ResNeXt).
+    "xse_resnext50": _fastai_arch("xse_resnext50"),
 }
 
 
