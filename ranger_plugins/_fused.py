@@ -276,7 +276,7 @@ def _flat_groups(optimizer, group_index: int, group: dict) -> list[_FlatGroup] |
         cache = _FusedCache(optimizer.state, {})
         _caches[optimizer] = cache
     flat_groups = cache.groups.get(group_index)
-    if flat_groups and flat_groups[0].layout_key != _layout_key(group):
+    if flat_groups and not all(_is_current(optimizer, group, f) for f in flat_groups):
         flat_groups = None
     if flat_groups is None:
         eligible = [p for p in group["params"] if _eligible(p)]
@@ -291,6 +291,22 @@ def _flat_groups(optimizer, group_index: int, group: dict) -> list[_FlatGroup] |
         ]
         cache.groups[group_index] = flat_groups
     return flat_groups
+
+
+def _is_current(optimizer, group: dict, flat_group: _FlatGroup) -> bool:
+    """Whether the flat buffers still back the group's params and state. They stop doing so
+    when params move between groups (fastai's weight-decay twins), the state is cleared
+    (fastai's ``freeze_to``), or a param's storage is replaced (``model.to(...)``): then the
+    params' current values and state are copied into new flat buffers."""
+    if flat_group.layout_key != _layout_key(group):
+        return False
+    state = optimizer.state
+    return all(
+        state.get(param) is param_state and param.data_ptr() == param_view.data_ptr()
+        for param, param_view, param_state in zip(
+            flat_group.params, flat_group.param_views, flat_group.states
+        )
+    )
 
 
 # --------------------------------------------------------------------------- the step
@@ -309,12 +325,7 @@ def fused_step(optimizer, group_index: int, group: dict) -> bool:
 def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
     params, grad_views = flat_group.params, flat_group.grad_views
     stale_grads, stale_views, all_have_grads = [], [], True
-    for param, param_view, grad_view in zip(params, flat_group.param_views, grad_views):
-        if param.data_ptr() != param_view.data_ptr():
-            raise RuntimeError(
-                "Ranger(fused=True): a parameter's storage was replaced after its first step "
-                "(for example by model.to(device)); move the model before creating the optimizer"
-            )
+    for param, grad_view in zip(params, grad_views):
         grad = param.grad
         if grad is grad_view:
             continue

@@ -33,6 +33,7 @@ from .lookahead import _copy_into
 _WAVE_NUMEL = 1 << 19
 # Waves of small models are smaller: the temporaries of a wave stay under ~5% of the params.
 _MIN_WAVE_NUMEL = 1 << 16
+_ACCELERATOR_MIN_WAVE_NUMEL = 1 << 24
 # GC of gradients smaller than this is batched by row length.
 _SMALL_GC_NUMEL = 1 << 15
 
@@ -146,7 +147,13 @@ def _plan_waves(params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_co
     the wave's gradient pieces still to be centralized. Gradients that are centralized here
     (small ones, batched; and any that cannot be cut into rows) are done before returning.
     """
-    wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, sum(p.numel() for p in params) // 24))
+    total = sum(p.numel() for p in params)
+    if params and params[0].device.type == "cpu":
+        wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 24))
+    else:
+        # On a GPU each wave costs a kernel launch per operation and the foreach kernels already
+        # stream well: a dozen waves at most, just to bound the sqrt temporary (~8% of params).
+        wave_numel = max(_ACCELERATOR_MIN_WAVE_NUMEL, total // 12)
     pieces: list[tuple] = []  # (numel, p, g, m, v, slow, gc_rows or None)
     small_gc: dict[int, list[torch.Tensor]] = defaultdict(list)
     for param, grad, exp_avg, exp_avg_sq, slow in zip(

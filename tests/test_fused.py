@@ -176,3 +176,57 @@ def test_fused_lookahead_controls_and_fresh_or_kept_grads():
     fused_opt.sync_lookahead()
     ref_opt.sync_lookahead()
     _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_follows_cleared_state_and_replaced_storage():
+    """fastai's freeze_to clears the state in place, model.to() replaces param storage:
+    the flat buffers are rebuilt from the params' current values, like the default path."""
+    generator = torch.Generator().manual_seed(6)
+    fused_params, ref_params = _params(torch.float64), _params(torch.float64)
+    fused_opt = Ranger(fused_params, lr=0.05, fused=True)
+    ref_opt = Ranger(ref_params, lr=0.05)
+
+    def step_both():
+        _grads(ref_params, generator)
+        for fused, ref in zip(fused_params, ref_params):
+            fused.grad = ref.grad.clone()
+        fused_opt.step()
+        ref_opt.step()
+
+    for _ in range(3):
+        step_both()
+    fused_opt.state.clear()
+    ref_opt.state.clear()
+    step_both()
+    fused_params[0].data = fused_params[0].data.clone()  # as model.to(other device) does
+    for _ in range(7):
+        step_both()
+    assert fused_opt.state[fused_params[0]]["step"] == 8
+    _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_prints_every_row(tmp_path, capsys):
+    from ranger_plugins import bench
+
+    chart = tmp_path / "bench.png"
+    results = bench.main(["--quick", "--rounds", "1", "--output", str(chart)])
+    out = capsys.readouterr().out
+    assert [r["name"] for r in results] == list(bench.WORKLOAD_NAMES)
+    for result in results:
+        names = [name for name, *_ in result["rows"]]
+        assert names == [row.name for row in bench.build_rows(include_fused=True)]
+        assert result["floor_ms"] > 0
+        for _, (state_bytes, peak) in result["memory"].items():
+            assert state_bytes == 3 * result["param_bytes"]
+            assert peak >= 0
+    for label in (
+        "fastai Learner epoch, ranger_plugins.fastai.ranger",
+        "fastai Learner epoch, fastai.optimizer.ranger",
+        "Lightning epoch, ranger_plugins.lightning.ranger_optimizers",
+        "Lightning epoch, ranger_plugins.lightning.ranger_optimizers(fused=True)",
+        "Lightning epoch, torch_optimizer.Ranger (+ closure call)",
+    ):
+        line = next(line for line in out.splitlines() if line.startswith(label + " "))
+        assert line.rstrip().endswith(" s"), line  # timed, not skipped or failed
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

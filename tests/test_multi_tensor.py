@@ -125,3 +125,18 @@ def test_waves_bound_the_temporary_and_cover_every_element(monkeypatch):
         assert len(pieces) == 1 or sum(p.numel() for p in pieces) <= _multi_tensor._WAVE_NUMEL
         for param_piece, grad_piece in zip(wave[0], wave[1]):
             assert param_piece.shape == grad_piece.shape
+
+
+def test_default_path_runs_on_a_device_without_host_values():
+    """Meta tensors have no values: any host sync (.item(), bool of a tensor) would raise.
+    This also takes the accelerator branch (waves sized for kernel launches, no 0-d CPU
+    scalars)."""
+    shapes = [(64, 3, 3, 3), (64,), (10, 64), (10,)]
+    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in shapes]
+    optimizer = Ranger(params, weight_decay=0.1)
+    for _ in range(7):
+        for param in params:
+            param.grad = torch.empty_like(param)
+        optimizer.step()
+    assert all(optimizer.state[p]["step"] == 7 for p in params)
+    assert optimizer.state[params[0]]["exp_avg"].device.type == "meta"
