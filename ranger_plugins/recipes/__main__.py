@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.data is None and config.dataset == "digits" and config.size < 8:
         parser.error(f"--size must be >= 8 for digits (8x8 images), got {config.size}")
     try:
-        path = resolve_data_path(config)  # ValueError: a folder not laid out as expected
+        path = resolve_data_path(config)
         start = time.perf_counter()
         results = train_runs(config, path)
-    except (RecipeError, ValueError) as error:
+    except RecipeError as error:
         # Bad input or a missing dataset/engine: a one-line explanation, not a traceback.
         print(f"error: {error}", file=sys.stderr)
         return 2

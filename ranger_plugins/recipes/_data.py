@@ -12,6 +12,7 @@ __all__ = [
     "DatasetUnavailableError",
     "EngineUnavailableError",
     "RecipeError",
+    "RecipeInputError",
     "DigitsSplit",
     "check_image_folder",
     "digits_split",
@@ -26,6 +27,11 @@ DIGITS_VALID_FRACTION = 0.2
 
 class RecipeError(RuntimeError):
     """A recipe cannot run as asked; the message says why and what to do instead."""
+
+
+class RecipeInputError(RecipeError, ValueError):
+    """An option or a dataset the recipe cannot use (a ``ValueError``), e.g. a folder not
+    laid out as ``train/<class>``, ``val/<class>``."""
 
 
 class DatasetUnavailableError(RecipeError):
@@ -71,30 +77,30 @@ class DigitsSplit:
 def digits_split(size: int) -> DigitsSplit:
     """Load the digits split at ``size`` pixels (see :class:`DigitsSplit`)."""
     if size < 8:
-        raise ValueError(f"size must be >= 8 for digits (the images are 8x8), got {size}")
+        raise RecipeInputError(f"size must be >= 8 for digits (the images are 8x8), got {size}")
     return DigitsSplit(size)
 
 
 def check_image_folder(path: Path) -> list[str]:
     """Check ``path`` is an ImageNet-style folder and return its class names (sorted).
 
-    Raises ``ValueError`` naming what is missing: ``train/`` and ``val/`` with the same
-    class subfolders.
+    Raises `RecipeInputError` (a ``ValueError``) naming what is missing: ``train/`` and
+    ``val/`` with the same class subfolders.
     """
     path = Path(path)
     layout = "PATH/train/<class>/*.jpg and PATH/val/<class>/*.jpg"
     if not path.is_dir():
-        raise ValueError(f"--data {path}: not a directory (expected {layout})")
+        raise RecipeInputError(f"--data {path}: not a directory (expected {layout})")
     splits = {}
     for split in ("train", "val"):
         folder = path / split
         if not folder.is_dir():
-            raise ValueError(f"--data {path}: no '{split}' folder (expected {layout})")
+            raise RecipeInputError(f"--data {path}: no '{split}' folder (expected {layout})")
         splits[split] = sorted(d.name for d in folder.iterdir() if d.is_dir())
         if not splits[split]:
-            raise ValueError(f"--data {path}: '{split}' has no class folders ({layout})")
+            raise RecipeInputError(f"--data {path}: '{split}' has no class folders ({layout})")
     if splits["train"] != splits["val"]:
-        raise ValueError(
+        raise RecipeInputError(
             f"--data {path}: train and val have different classes: "
             f"train {splits['train']}, val {splits['val']}"
         )

@@ -8,7 +8,7 @@ from functools import partial
 import torch
 
 from ._config import LABEL_SMOOTHING, RANGER_HYPERS, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
-from ._data import EngineUnavailableError, check_image_folder, digits_split
+from ._data import EngineUnavailableError, RecipeInputError, check_image_folder, digits_split
 from ._models import build_xresnet, model_name
 
 __all__ = ["train_fastai"]
@@ -60,7 +60,7 @@ def _dataloaders(config: RecipeConfig, path):
     )
     dls = block.dataloaders(path, bs=config.bs, num_workers=config.workers)
     if len(dls.train) == 0:  # fastai drops the last partial training batch
-        raise ValueError(
+        raise RecipeInputError(
             f"--bs {config.bs} is larger than the training set of {path} "
             f"({len(dls.train_ds)} images); pass a smaller --bs"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._config import RecipeConfig, RunResult
-from ._data import check_image_folder, fetch_dataset
+from ._data import RecipeInputError, check_image_folder, fetch_dataset
 
 __all__ = ["resolve_data_path", "train_runs"]
 
@@ -16,7 +16,8 @@ DATASETS = ("digits", "imagenette", "imagewoof")
 def resolve_data_path(config: RecipeConfig) -> Path | None:
     """The image folder to train on, fetching Imagenette/Imagewoof if needed; None for digits.
 
-    Raises ``ValueError`` if the folder is not laid out as ``train/<class>``, ``val/<class>``.
+    Raises `RecipeInputError` (a ``ValueError``) if the folder is not laid out as
+    ``train/<class>``, ``val/<class>``, and `DatasetUnavailableError` if a download fails.
     """
     if config.data is not None:
         path = Path(config.data)
@@ -35,7 +36,7 @@ def train_runs(config: RecipeConfig, path: Path | None) -> list[RunResult]:
     elif config.engine == "lightning":
         from ._lightning_engine import train_lightning as train
     else:
-        raise ValueError(f"engine must be one of {ENGINES}, got {config.engine!r}")
+        raise RecipeInputError(f"engine must be one of {ENGINES}, got {config.engine!r}")
     results = []
     for spec in config.runs:
         print(f"\n== {spec.name}: {spec.activation}, {spec.optimizer}, {spec.schedule} ==")
