@@ -162,6 +162,7 @@ def _eligible(param: torch.Tensor) -> bool:
             or (param.dim() == 5 and param.is_contiguous(memory_format=torch.channels_last_3d))
         )
         and not torch.is_complex(param)
+        and _outermost_dim_first(param)  # GC rows must be contiguous blocks of the buffer
     )
 
 
@@ -181,7 +182,8 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
     work = state_dtype(param0)
     by_row_length: dict[int, list[torch.Tensor]] = defaultdict(list)
     for param in params:
-        if use_gc and _gc_applies(param, gc_conv_only) and _outermost_dim_first(param):
+        centralize = use_gc and param.numel() > 0 and _gc_applies(param, gc_conv_only)
+        if centralize and _outermost_dim_first(param):
             by_row_length[param.numel() // param.shape[0]].append(param)
         else:
             by_row_length[0].append(param)  # 0: not centralized

@@ -160,7 +160,7 @@ def _plan_waves(params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_co
         params, grads, exp_avgs, exp_avg_sqs, slow_params
     ):
         numel = param.numel()
-        gc = use_gc and _gc_applies(grad, gc_conv_only)
+        gc = use_gc and numel > 0 and _gc_applies(grad, gc_conv_only)
         chunkable = numel > wave_numel and _chunkable(param, grad, exp_avg, exp_avg_sq, slow)
         if not chunkable:
             if gc:

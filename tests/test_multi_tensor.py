@@ -140,3 +140,21 @@ def test_default_path_runs_on_a_device_without_host_values():
         optimizer.step()
     assert all(optimizer.state[p]["step"] == 7 for p in params)
     assert optimizer.state[params[0]]["exp_avg"].device.type == "meta"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_empty_params_step_like_the_reference(fused):
+    shapes = [(0, 5), (3, 4), (0,)]
+    reference = [torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for s in shapes]
+    params = [torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for s in shapes]
+    optimizer = Ranger(params, lr=0.1, fused=fused)
+    reference_optimizer = Ranger(reference, lr=0.1, foreach=False)
+    for _ in range(3):
+        for param, ref in zip(params, reference):
+            param.grad = torch.arange(param.numel(), dtype=torch.float64).view(param.shape)
+            ref.grad = param.grad.clone()
+        optimizer.step()
+        reference_optimizer.step()
+    tolerance = 1e-12 if fused else 0.0  # the compiled kernel may round differently
+    for param, ref in zip(params, reference):
+        torch.testing.assert_close(param, ref, rtol=tolerance, atol=tolerance)
