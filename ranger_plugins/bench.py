@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import inspect
 import statistics
 import sys
 import time
@@ -406,9 +407,19 @@ def _fastai_epochs(base, dataset):
         from .fastai import ranger as our_ranger
     except ImportError as error:
         return [("fastai epoch", None, f"skipped: {error}")]
+
+    def our_fused_ranger(params, lr, **kwargs):
+        if "fused" in inspect.signature(our_ranger).parameters:
+            return our_ranger(params, lr, fused=True, **kwargs)
+        wrapper = our_ranger(params, lr, **kwargs)
+        for group in wrapper.opt.param_groups:  # "fused" is a param-group key of the core
+            group["fused"] = True
+        return wrapper
+
     out = []
     for label, opt_func in [
         ("fastai Learner epoch, ranger_plugins.fastai.ranger", our_ranger),
+        ("fastai Learner epoch, ranger_plugins.fastai.ranger, fused", our_fused_ranger),
         ("fastai Learner epoch, fastai.optimizer.ranger", fastai_ranger),
     ]:
         loader = torch.utils.data.DataLoader(dataset, batch_size=16)

@@ -222,6 +222,7 @@ def test_benchmark_quick_run_prints_every_row(tmp_path, capsys):
             assert peak >= 0
     for label in (
         "fastai Learner epoch, ranger_plugins.fastai.ranger",
+        "fastai Learner epoch, ranger_plugins.fastai.ranger, fused",
         "fastai Learner epoch, fastai.optimizer.ranger",
         "Lightning epoch, ranger_plugins.lightning.ranger_optimizers",
         "Lightning epoch, ranger_plugins.lightning.ranger_optimizers(fused=True)",
