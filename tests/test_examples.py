@@ -15,7 +15,14 @@ pytest.importorskip("sklearn")
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EXAMPLE_QUICK": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    env = {
+        **os.environ,
+        "EXAMPLE_QUICK": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+        # One torch thread: the examples' ops are tiny, and on a shared CI machine threads
+        # waiting for each other at every op make them many times slower.
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
         [sys.executable, *args],
         cwd=tmp_path,  # nothing the examples write lands in the repository
@@ -64,7 +71,7 @@ def test_lightning_cli_example_trains_from_the_yaml(tmp_path):
         "--trainer.max_epochs",
         "1",
         "--data.size",
-        "16",
+        "8",
     )
     assert "max_epochs=1" in result.stdout + result.stderr  # Lightning's "fit stopped" note
 

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "for folders)",
     )
     parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch (default: 1 for digits, whose tiny ops gain nothing from "
+        "more; torch's default for folders)",
+    )
+    parser.add_argument(
         "--workers", type=int, default=None, help="data-loading workers for image folders"
     )
     parser.add_argument(
@@ -137,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
         pct_start=args.pct_start,
         baseline=defaults.baseline if args.baseline is None else args.baseline,
         workers=args.workers if args.workers is not None else (4 if folder else 0),
+        threads=args.threads or defaults.threads,
         output=args.output or Path(f"ranger-recipe-{name}.png"),
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ._config import RecipeConfig, RunResult
 from ._data import RecipeInputError, check_image_folder, fetch_dataset
 
@@ -37,8 +39,16 @@ def train_runs(config: RecipeConfig, path: Path | None) -> list[RunResult]:
         from ._lightning_engine import train_lightning as train
     else:
         raise RecipeInputError(f"engine must be one of {ENGINES}, got {config.engine!r}")
-    results = []
-    for spec in config.runs:
-        print(f"\n== {spec.name}: {spec.activation}, {spec.optimizer}, {spec.schedule} ==")
-        results.append(train(config, spec, path))
+    if config.threads is not None and config.threads < 1:
+        raise RecipeInputError(f"threads must be >= 1 or None, got {config.threads}")
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        results = []
+        for spec in config.runs:
+            print(f"\n== {spec.name}: {spec.activation}, {spec.optimizer}, {spec.schedule} ==")
+            results.append(train(config, spec, path))
+    finally:
+        torch.set_num_threads(previous_threads)
     return results
