@@ -136,7 +136,10 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> float | t
 
 def _chunkable(*tensors: torch.Tensor) -> bool:
     # Flat views need plain contiguous tensors (not DTensors or other subclasses).
-    return all(type(t) in _PLAIN_TYPES and t.is_contiguous() for t in tensors)
+    for tensor in tensors:
+        if type(tensor) not in _PLAIN_TYPES or not tensor.is_contiguous():
+            return False
+    return True
 
 
 def _plan_waves(params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_conv_only):
