@@ -548,7 +548,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help=f"comma-separated, of {', '.join(WORKLOAD_NAMES)}",
     )
     parser.add_argument("--output", default="ranger_bench.png", help="PNG bar chart path")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the params live (default: cuda if available)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per row")
     parser.add_argument(
         "--threads",
