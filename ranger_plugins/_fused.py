@@ -163,6 +163,8 @@ def _eligible(param: torch.Tensor) -> bool:
         )
         and not torch.is_complex(param)
         and _outermost_dim_first(param)  # GC rows must be contiguous blocks of the buffer
+        # FSDP1's flattened params: the default path raises its GC error for them.
+        and not getattr(param, "_fsdp_flattened", False)
     )
 
 
