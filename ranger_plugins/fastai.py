@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from fastai.callback.core import Callback
@@ -287,12 +287,6 @@ def _lookahead_optimizer(learn: Any) -> LookaheadControls | None:
     return core if isinstance(core, LookaheadControls) else None
 
 
-def _has_slow_weights(core: LookaheadControls) -> bool:
-    # The core's `slow_weights()` fails on an optimizer that has not stepped yet (its
-    # foreach copy gets empty lists), so check first.
-    return any("slow_param" in state for state in core.state.values())
-
-
 class LookaheadEvalCallback(Callback):
     """Validate on Lookahead's slow weights; end ``fit`` on the synced slow weights.
 
@@ -309,10 +303,11 @@ class LookaheadEvalCallback(Callback):
       describe. Outside ``fit`` they leave at ``after_validate``. The fast weights are
       restored from an exact backup, so training is bitwise the same with or without
       validation.
-    * ``after_fit``: if the optimizer stepped during this fit, `sync_lookahead()` is called,
-      so the model holds the synced slow weights (``slow + alpha * (fast - slow)``), the
-      ones to export. Pass ``sync_on_fit_end=False`` to end on the fast weights instead.
-      Skipped under ``lr_find`` (which restores the model anyway).
+    * ``after_fit``: if the optimizer stepped during this fit, the model is left holding
+      ``weights_after_fit``: ``"synced"`` (default: `sync_lookahead()`, so the model holds
+      ``slow + alpha * (fast - slow)``, the weights to export), ``"slow"`` (exactly what the
+      last validation saw) or ``"fast"``. The same choice as the Lightning
+      ``LookaheadCallback``. Skipped under ``lr_find`` (which restores the model anyway).
 
     Params that have not stepped yet have no slow weights and are evaluated as they are.
     The order (55) puts ``after_fit`` before the trackers' (60), so ``SaveModelCallback``
@@ -322,8 +317,13 @@ class LookaheadEvalCallback(Callback):
     order = 55
     _stateattrs = ("_swap",)
 
-    def __init__(self, sync_on_fit_end: bool = True) -> None:
-        self.sync_on_fit_end = sync_on_fit_end
+    def __init__(self, weights_after_fit: Literal["synced", "slow", "fast"] = "synced") -> None:
+        choices = ("synced", "slow", "fast")
+        if weights_after_fit not in choices:
+            raise ValueError(
+                f"Invalid weights_after_fit: {weights_after_fit!r} (must be one of {choices})"
+            )
+        self.weights_after_fit = weights_after_fit
         self._stepped = False
         self._in_training_epoch = False
         self._swap: contextlib.ExitStack | None = None
@@ -345,7 +345,7 @@ class LookaheadEvalCallback(Callback):
     def before_validate(self) -> None:
         """Put the slow weights into the model."""
         core = _lookahead_optimizer(self.learn)
-        if core is None or self._swap is not None or not _has_slow_weights(core):
+        if core is None or self._swap is not None or not core.has_slow_weights:
             return
         swap = contextlib.ExitStack()
         swap.enter_context(core.slow_weights())
@@ -366,13 +366,12 @@ class LookaheadEvalCallback(Callback):
         self._in_training_epoch = False
         core = _lookahead_optimizer(self.learn)
         stepped, self._stepped = self._stepped, False
-        if (
-            self.sync_on_fit_end
-            and stepped
-            and core is not None
-            and not hasattr(self.learn, "lr_finder")
-        ):
+        if not stepped or core is None or hasattr(self.learn, "lr_finder"):
+            return
+        if self.weights_after_fit == "synced":
             core.sync_lookahead()
+        elif self.weights_after_fit == "slow":
+            core.load_slow_weights()
 
     def _restore_fast_weights(self) -> None:
         swap, self._swap = self._swap, None

@@ -210,32 +210,15 @@ def _lookahead_optimizers(optimizers: Iterable[Optimizer]) -> list[LookaheadCont
     return [opt for opt in optimizers if isinstance(opt, LookaheadControls)]
 
 
-def _has_slow_weights(optimizer: LookaheadControls) -> bool:
-    return any(
-        "slow_param" in optimizer.state.get(param, {})
-        for group in optimizer.param_groups
-        for param in group["params"]
-    )
-
-
 def _enter_slow_weights(stack: contextlib.ExitStack, optimizers: list[LookaheadControls]) -> None:
     for optimizer in optimizers:
         # Before the first step there are no slow weights: nothing to swap (and early core
         # versions raised on the empty copy).
-        if _has_slow_weights(optimizer):
+        if optimizer.has_slow_weights:
             stack.enter_context(optimizer.slow_weights())
 
 
 @torch.no_grad()
-def _load_slow_weights(optimizer: LookaheadControls) -> None:
-    """Make the fast weights equal to the slow ones (no interpolation)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            slow = optimizer.state.get(param, {}).get("slow_param")
-            if slow is not None:
-                param.copy_(slow.to(param.dtype))
-
-
 def _detached_copy(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {
         key: value.detach().clone() if isinstance(value, torch.Tensor) else value
@@ -337,7 +320,7 @@ class LookaheadCallback(*_callback_bases()):
             if self.weights_after_fit == "synced":
                 optimizer.sync_lookahead()
             elif self.weights_after_fit == "slow":
-                _load_slow_weights(optimizer)
+                optimizer.load_slow_weights()
 
     # -- checkpoints -----------------------------------------------------------------------
 

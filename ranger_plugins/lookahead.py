@@ -44,6 +44,23 @@ class LookaheadControls:
                 if slow is not None:
                     yield group, param, slow
 
+    @property
+    def has_slow_weights(self) -> bool:
+        """Whether any parameter has stepped, and so has slow weights."""
+        return next(self._params_with_slow_weights(), None) is not None
+
+    @torch.no_grad()
+    def load_slow_weights(self) -> None:
+        """Overwrite the fast weights with the slow weights, without interpolating.
+
+        The model then holds exactly what `slow_weights()` evaluates; the fast weights are
+        gone. Params that have not stepped yet keep their value.
+        """
+        entries = list(self._params_with_slow_weights())
+        _copy_into(
+            [param for _, param, _ in entries], [slow.to(param.dtype) for _, param, slow in entries]
+        )
+
     @torch.no_grad()
     def sync_lookahead(self) -> None:
         """Sync now: move the slow weights a fraction alpha toward the fast weights, then

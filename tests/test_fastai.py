@@ -563,7 +563,7 @@ def _loss_on(learn, dl) -> float:
 def test_validation_uses_slow_weights_and_training_is_bitwise_unchanged():
     """k = 4 with 6 steps per epoch: at every validation slow != fast."""
     with_callback = tiny_learner(
-        partial(ranger, k=4), cbs=LookaheadEvalCallback(sync_on_fit_end=False)
+        partial(ranger, k=4), cbs=LookaheadEvalCallback(weights_after_fit="fast")
     )
     plain = tiny_learner(partial(ranger, k=4))
     spies = _WeightsAfterTrain(), _WeightsAfterTrain()
@@ -620,7 +620,7 @@ def test_save_model_callback_saves_the_slow_weights_it_judged(tmp_path):
     learn = tiny_learner(
         partial(ranger, k=4),
         path=tmp_path,
-        cbs=[LookaheadEvalCallback(sync_on_fit_end=False), spy, fast],
+        cbs=[LookaheadEvalCallback(weights_after_fit="fast"), spy, fast],
     )
     learn.fit(2, 1e-2, cbs=SaveModelCallback(every_epoch=True, fname="epoch"))
     for epoch in range(2):
@@ -644,8 +644,25 @@ def test_model_holds_the_synced_slow_weights_after_fit():
         assert torch.equal(_core(with_callback).state[p]["slow_param"], p)
 
 
+def test_weights_after_fit_slow_leaves_exactly_the_slow_weights():
+    with_callback = tiny_learner(
+        partial(ranger, k=4), cbs=LookaheadEvalCallback(weights_after_fit="slow")
+    )
+    plain = tiny_learner(partial(ranger, k=4))
+    with_callback.fit(1, 1e-2)  # 6 steps, k = 4: the slow weights lag the fast ones
+    plain.fit(1, 1e-2)
+    slow = [_core(plain).state[p]["slow_param"] for p in plain.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights(with_callback), slow))
+    assert not all(torch.equal(a, b) for a, b in zip(weights(plain), slow))
+
+
+def test_weights_after_fit_must_be_a_known_choice():
+    with pytest.raises(ValueError, match="weights_after_fit"):
+        LookaheadEvalCallback(weights_after_fit="average")
+
+
 def test_validate_and_get_preds_after_fit_use_slow_weights_and_do_not_sync():
-    learn = tiny_learner(partial(ranger, k=4), cbs=LookaheadEvalCallback(sync_on_fit_end=False))
+    learn = tiny_learner(partial(ranger, k=4), cbs=LookaheadEvalCallback(weights_after_fit="fast"))
     learn.fit(1, 1e-2)
     fast = weights(learn)
     with _core(learn).slow_weights():
@@ -669,7 +686,7 @@ def _build_lookahead_adamw(groups, lr):
 
 
 def test_callback_works_with_any_optimwrapper_around_a_core_lookahead():
-    learn = tiny_learner(_lookahead_adamw, cbs=LookaheadEvalCallback(sync_on_fit_end=False))
+    learn = tiny_learner(_lookahead_adamw, cbs=LookaheadEvalCallback(weights_after_fit="fast"))
     learn.fit(1, 1e-2)  # 6 steps, k = 4: slow != fast
     core = learn.opt.opt
     assert isinstance(core, Lookahead)

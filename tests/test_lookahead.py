@@ -429,3 +429,17 @@ def test_fastai_clear_state_resets_the_wrapped_lookahead():
     run(optimizer, params, 2)
     fastai_optimizer.OptimWrapper(opt=optimizer).clear_state()
     assert len(optimizer.optimizer.state) == 0 and optimizer.state is optimizer.optimizer.state
+
+
+@pytest.mark.parametrize("factory", FACTORIES.values(), ids=FACTORIES.keys())
+def test_load_slow_weights_overwrites_the_fast_weights_without_interpolating(factory):
+    params = make_params()
+    optimizer = factory(params, k=4)
+    assert not optimizer.has_slow_weights
+    run(optimizer, params, 6)  # the last sync was at step 4: slow != fast
+    assert optimizer.has_slow_weights
+    slow = [optimizer.state[p]["slow_param"].clone() for p in params]
+    assert not all(torch.equal(p, s) for p, s in zip(params, slow))
+    optimizer.load_slow_weights()
+    assert_same(params, slow)
+    assert_same([optimizer.state[p]["slow_param"] for p in params], slow)
