@@ -29,7 +29,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.optimizer import OptimWrapper, detuplify_pg
 
-from .lookahead import LookaheadControls
+from .lookahead import LookaheadControls, check_weights_after_fit
 from .ranger import Ranger, check_hyperparameters
 
 __all__ = ["RANGER_HP_MAP", "LookaheadEvalCallback", "RangerOptimWrapper", "ranger"]
@@ -318,11 +318,7 @@ class LookaheadEvalCallback(Callback):
     _stateattrs = ("_swap",)
 
     def __init__(self, weights_after_fit: Literal["synced", "slow", "fast"] = "synced") -> None:
-        choices = ("synced", "slow", "fast")
-        if weights_after_fit not in choices:
-            raise ValueError(
-                f"Invalid weights_after_fit: {weights_after_fit!r} (must be one of {choices})"
-            )
+        check_weights_after_fit(weights_after_fit)
         self.weights_after_fit = weights_after_fit
         self._stepped = False
         self._in_training_epoch = False
@@ -368,10 +364,7 @@ class LookaheadEvalCallback(Callback):
         stepped, self._stepped = self._stepped, False
         if not stepped or core is None or hasattr(self.learn, "lr_finder"):
             return
-        if self.weights_after_fit == "synced":
-            core.sync_lookahead()
-        elif self.weights_after_fit == "slow":
-            core.load_slow_weights()
+        core.finish_training(self.weights_after_fit)
 
     def _restore_fast_weights(self) -> None:
         swap, self._swap = self._swap, None

@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from .lookahead import LookaheadControls
+from .lookahead import LookaheadControls, check_weights_after_fit
 from .ranger import Ranger
 from .schedules import FlatCosineLR, OneCycleCosineLR, OptimizerStepLR
 
@@ -262,11 +262,7 @@ class LookaheadCallback(*_callback_bases()):
     """
 
     def __init__(self, weights_after_fit: Literal["synced", "slow", "fast"] = "synced") -> None:
-        choices = ("synced", "slow", "fast")
-        if weights_after_fit not in choices:
-            raise ValueError(
-                f"Invalid weights_after_fit: {weights_after_fit!r} (must be one of {choices})"
-            )
+        check_weights_after_fit(weights_after_fit)
         self.weights_after_fit = weights_after_fit
         # The open `slow_weights()` contexts while validation runs on the slow weights.
         self._slow_weights_stack: contextlib.ExitStack | None = None
@@ -317,10 +313,7 @@ class LookaheadCallback(*_callback_bases()):
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         for optimizer in _lookahead_optimizers(trainer.optimizers):
-            if self.weights_after_fit == "synced":
-                optimizer.sync_lookahead()
-            elif self.weights_after_fit == "slow":
-                optimizer.load_slow_weights()
+            optimizer.finish_training(self.weights_after_fit)
 
     # -- checkpoints -----------------------------------------------------------------------
 

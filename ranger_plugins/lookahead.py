@@ -18,7 +18,18 @@ from torch.optim import Optimizer
 
 from ._state import check_lookahead_args, load_state_dict_safely, state_dtype
 
-__all__ = ["Lookahead", "LookaheadControls"]
+__all__ = ["WEIGHTS_AFTER_FIT", "Lookahead", "LookaheadControls", "check_weights_after_fit"]
+
+#: What a model can hold when training ends: see `LookaheadControls.finish_training`.
+WEIGHTS_AFTER_FIT = ("synced", "slow", "fast")
+
+
+def check_weights_after_fit(weights_after_fit: str) -> None:
+    """Raise a `ValueError` unless ``weights_after_fit`` is one of `WEIGHTS_AFTER_FIT`."""
+    if weights_after_fit not in WEIGHTS_AFTER_FIT:
+        raise ValueError(
+            f"Invalid weights_after_fit: {weights_after_fit!r} (must be one of {WEIGHTS_AFTER_FIT})"
+        )
 
 
 def _copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
@@ -60,6 +71,15 @@ class LookaheadControls:
         _copy_into(
             [param for _, param, _ in entries], [slow.to(param.dtype) for _, param, slow in entries]
         )
+
+    def finish_training(self, weights_after_fit: str = "synced") -> None:
+        """Leave the model holding ``"synced"`` weights (`sync_lookahead`), the ``"slow"``
+        weights (`load_slow_weights`) or the ``"fast"`` weights (nothing to do)."""
+        check_weights_after_fit(weights_after_fit)
+        if weights_after_fit == "synced":
+            self.sync_lookahead()
+        elif weights_after_fit == "slow":
+            self.load_slow_weights()
 
     @torch.no_grad()
     def sync_lookahead(self) -> None:
