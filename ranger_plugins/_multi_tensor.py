@@ -31,7 +31,7 @@ from .lookahead import _copy_into
 # Elements per wave: 2 MiB per fp32 operand, so the five operands of a wave (p, grad, m, v and
 # the denominator) stay in the last-level cache between the operations of the wave.
 _WAVE_NUMEL = 1 << 19
-# Waves of small models are smaller: the temporaries of a wave stay under ~5% of the params.
+# Waves of small models are smaller: the temporaries of a wave stay under ~8% of the params.
 _MIN_WAVE_NUMEL = 1 << 16
 _ACCELERATOR_MIN_WAVE_NUMEL = 1 << 24
 # GC of gradients smaller than this is batched by row length.
@@ -152,7 +152,7 @@ def _plan_waves(params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_co
     """
     total = sum(p.numel() for p in params)
     if params and params[0].device.type == "cpu":
-        wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 24))
+        wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 12))
     else:
         # On a GPU each wave costs a kernel launch per operation and the foreach kernels already
         # stream well: a dozen waves at most, just to bound the sqrt temporary (~8% of params).
