@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
-import inspect
 import statistics
 import sys
 import time
@@ -408,13 +408,7 @@ def _fastai_epochs(base, dataset):
     except ImportError as error:
         return [("fastai epoch", None, f"skipped: {error}")]
 
-    def our_fused_ranger(params, lr, **kwargs):
-        if "fused" in inspect.signature(our_ranger).parameters:
-            return our_ranger(params, lr, fused=True, **kwargs)
-        wrapper = our_ranger(params, lr, **kwargs)
-        for group in wrapper.opt.param_groups:  # "fused" is a param-group key of the core
-            group["fused"] = True
-        return wrapper
+    our_fused_ranger = functools.partial(our_ranger, fused=True)
 
     out = []
     for label, opt_func in [

@@ -62,6 +62,7 @@ def ranger(
     rectify_threshold: float = 5.0,
     *,
     foreach: bool | None = None,
+    fused: bool = False,
 ) -> RangerOptimWrapper:
     """Ranger as a fastai `opt_func`: ``Learner(dls, model, opt_func=ranger)``.
 
@@ -92,6 +93,8 @@ def ranger(
         gc_conv_only: restrict GC to conv weights (more than three dims).
         rectify_threshold: RAdam's rho_t threshold for the adaptive step.
         foreach: force (True) or forbid (False) the multi-tensor implementation.
+        fused: the opt-in fused step (flat buffers and one compiled kernel; see
+            ``ranger_plugins.Ranger``); same results as the default path.
 
     Returns:
         A `RangerOptimWrapper` (a fastai `OptimWrapper`); the core optimizer is its
@@ -127,6 +130,7 @@ def ranger(
         gc_conv_only=gc_conv_only,
         rectify_threshold=rectify_threshold,
         foreach=foreach,
+        fused=fused,
     )
     wrapper = RangerOptimWrapper(optimizer)
     if isinstance(lr, slice):

@@ -27,7 +27,7 @@ from fastai.optimizer import OptimWrapper  # noqa: E402
 from fastai.optimizer import ranger as fastai_ranger  # noqa: E402
 from fastai_helpers import body_head_splitter, quiet, tiny_learner, weights  # noqa: E402
 
-from ranger_plugins import Lookahead  # noqa: E402
+from ranger_plugins import Lookahead, _fused  # noqa: E402
 from ranger_plugins.fastai import (  # noqa: E402
     LookaheadEvalCallback,
     RangerOptimWrapper,
@@ -703,3 +703,17 @@ def test_callback_is_inert_without_a_lookahead_optimizer():
     plain = tiny_learner(fastai_adam)
     plain.fit(1, 1e-2)
     assert all(torch.equal(a, b) for a, b in zip(weights(learn), weights(plain)))
+
+
+def test_fused_keyword_trains_like_the_default_path():
+    # 8 steps with k = 6: the fused kernel runs both without and with the Lookahead sync.
+    fused = tiny_learner(partial(ranger, fused=True, gc=True), dtype=torch.float64)
+    default = tiny_learner(partial(ranger, gc=True), dtype=torch.float64)
+    for learn in (fused, default):
+        quiet(learn).fit(1, 1e-2)
+        learn.fit(1, 1e-2)
+    assert all(group["fused"] for group in _core(fused).param_groups)
+    assert not any(group["fused"] for group in _core(default).param_groups)
+    assert _core(fused) in _fused._caches  # the flat buffers were really built
+    for a, b in zip(weights(fused), weights(default)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
