@@ -22,6 +22,7 @@ What makes it fast (a step is bandwidth-bound on large tensors, overhead-bound o
 from __future__ import annotations
 
 from collections import defaultdict
+from operator import itemgetter
 
 import torch
 
@@ -58,43 +59,67 @@ def _multi_tensor_ranger(
     use_gc: bool,
     gc_conv_only: bool,
     rectify_threshold: float,
+    plan_cache: dict | None = None,
 ) -> None:
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for index, (param, step) in enumerate(zip(params, steps)):
-        buckets[(param.device, param.dtype, step)].append(index)
+    """``plan_cache``: a dict the caller keeps between steps (one per param group); the wave
+    layout of each bucket is stored there and reused while the bucket holds the same params
+    and state tensors, so a steady-state step does no per-tensor planning in Python."""
+    if steps and steps.count(steps[0]) == len(steps) and _one_device_and_dtype(params):
+        buckets = {(params[0].device, params[0].dtype, steps[0]): None}  # None: all of them
+    else:
+        buckets = defaultdict(list)
+        for index, (param, step) in enumerate(zip(params, steps)):
+            buckets[(param.device, param.dtype, step)].append(index)
 
-    for (_, param_dtype, step), indices in buckets.items():
-        bucket_params = [params[i] for i in indices]
-        bucket_exp_avgs = [exp_avgs[i] for i in indices]
-        bucket_exp_avg_sqs = [exp_avg_sqs[i] for i in indices]
-        bucket_slow = [slow_params[i] for i in indices]
+    for (device, param_dtype, step), indices in buckets.items():
+        if indices is None:
+            bucket_params, bucket_grads = params, grads
+            bucket_exp_avgs, bucket_exp_avg_sqs, bucket_slow = exp_avgs, exp_avg_sqs, slow_params
+        else:
+            bucket_params = [params[i] for i in indices]
+            bucket_grads = [grads[i] for i in indices]
+            bucket_exp_avgs = [exp_avgs[i] for i in indices]
+            bucket_exp_avg_sqs = [exp_avg_sqs[i] for i in indices]
+            bucket_slow = [slow_params[i] for i in indices]
         work_dtype = bucket_exp_avgs[0].dtype
         if param_dtype == work_dtype:
-            bucket_grads = [grads[i] for i in indices]
             fast = bucket_params
-        else:  # bf16/fp16: work on fp32 copies
-            bucket_grads = [grads[i].to(work_dtype) for i in indices]
+            plan = _cached_plan(
+                plan_cache,
+                (device, param_dtype, use_gc, gc_conv_only),
+                fast,
+                bucket_grads,
+                bucket_exp_avgs,
+                bucket_exp_avg_sqs,
+                bucket_slow,
+            )
+        else:  # bf16/fp16: work on fp32 copies (new every step: no plan to keep)
+            bucket_grads = [g.to(work_dtype) for g in bucket_grads]
             fast = [p.to(work_dtype) for p in bucket_params]
+            plan = None
+        if plan is None:
+            plan = _Plan(
+                fast,
+                bucket_grads,
+                bucket_exp_avgs,
+                bucket_exp_avg_sqs,
+                bucket_slow,
+                use_gc,
+                gc_conv_only,
+            )
 
         multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
         sync = step % lookahead_k == 0
-        device = bucket_exp_avgs[0].device
         beta2_scalar = _scalar(beta2, work_dtype, device)
         eps_scalar = _scalar(eps, work_dtype, device)
         decay = _scalar(1.0 - lr * weight_decay, work_dtype, device)
-        waves = _plan_waves(
-            fast,
-            bucket_grads,
-            bucket_exp_avgs,
-            bucket_exp_avg_sqs,
-            bucket_slow,
-            use_gc,
-            gc_conv_only,
-        )
+        plan.centralize(bucket_grads)
         scratch = None  # one wave's sqrt(v) + eps, reused across the single-chunk waves
-        for wave in waves:
-            wave_params, wave_grads, wave_exp_avgs, wave_exp_avg_sqs, wave_slow, gc_rows = wave
-            for rows in gc_rows:
+        for wave in plan.waves:
+            wave_params, wave_exp_avgs, wave_exp_avg_sqs, wave_slow = wave.state
+            wave_grads = wave.grads(bucket_grads)
+            for position, row_length in wave.gc_rows:
+                rows = wave_grads[position].view(-1, row_length)
                 rows.sub_(rows.mean(dim=1, keepdim=True))
             if weight_decay != 0:
                 torch._foreach_mul_(wave_params, decay)
@@ -124,6 +149,38 @@ def _multi_tensor_ranger(
             _copy_into(bucket_params, fast)
 
 
+def _one_device_and_dtype(params: list[torch.Tensor]) -> bool:
+    first = params[0]
+    device, dtype = first.device, first.dtype
+    return all(p.dtype == dtype and p.device == device for p in params)
+
+
+def _cached_plan(cache, settings, params, grads, exp_avgs, exp_avg_sqs, slow_params):
+    """The plan of this bucket from ``cache`` if it still fits, else a new one (stored)."""
+    if cache is None:
+        return None
+    key = (
+        settings,
+        _WAVE_NUMEL,
+        _SMALL_GC_NUMEL,
+        tuple(map(id, params)),
+        tuple(map(id, exp_avgs)),
+        tuple(map(id, exp_avg_sqs)),
+        tuple(map(id, slow_params)),
+    )
+    # One slot per (settings, size): a bucket that changes (state reloaded, params skipping
+    # steps) replaces its old plan, so no stale plan keeps old state tensors alive for long.
+    slot = (settings, len(params))
+    entry = cache.get(slot)
+    if entry is not None and entry[0] == key and entry[1].fits(grads):
+        return entry[1]
+    plan = _Plan(params, grads, exp_avgs, exp_avg_sqs, slow_params, *settings[2:])
+    if len(cache) > 8:
+        cache.clear()
+    cache[slot] = (key, plan)
+    return plan
+
+
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> float | torch.Tensor:
     # On CPU a foreach op given a Python number wraps it into a new tensor for every tensor of
     # the list (a few microseconds each); a 0-d tensor of the list's dtype gives the same
@@ -142,88 +199,135 @@ def _chunkable(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _plan_waves(params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_conv_only):
-    """Cut the tensors into pieces and pack them into waves of about `_WAVE_NUMEL` elements.
+class _Wave:
+    """One wave: its param and state pieces (fixed), and how to cut its gradient pieces."""
 
-    Returns a list of (params, grads, exp_avgs, exp_avg_sqs, slow_params, gc_rows) per wave, the
-    first five being lists of same-shaped pieces, and gc_rows the 2-D (rows, row length) views of
-    the wave's gradient pieces still to be centralized. Gradients that are centralized here
-    (small ones, batched; and any that cannot be cut into rows) are done before returning.
+    def __init__(self, pieces: list[tuple]) -> None:
+        # piece: (numel, index, span or None, p, m, v, slow, gc row length or None)
+        _, indices, spans, wave_params, wave_exp_avgs, wave_exp_avg_sqs, wave_slow, rows = map(
+            list, zip(*pieces)
+        )
+        self.state = (wave_params, wave_exp_avgs, wave_exp_avg_sqs, wave_slow)
+        self.numel = sum(piece[0] for piece in pieces)
+        self._indices = indices
+        self._spans = spans if any(span is not None for span in spans) else None
+        self._pick = itemgetter(*indices)
+        self.gc_rows = [(pos, length) for pos, length in enumerate(rows) if length is not None]
+
+    def grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This wave's gradient pieces, cut from the step's gradients."""
+        if self._spans is None:
+            picked = self._pick(grads)
+            return list(picked) if len(self._indices) > 1 else [picked]
+        return [
+            grads[index] if span is None else grads[index].view(-1)[span[0] : span[1]]
+            for index, span in zip(self._indices, self._spans)
+        ]
+
+
+class _Plan:
+    """How one bucket's step runs: its waves, and how its gradients are centralized.
+
+    Built from the params, state and gradients of a step; it depends on the gradients only
+    through their layout (`fits` checks that the next step's gradients have it), so it can be
+    reused for the next steps of the same params.
     """
-    total = sum(p.numel() for p in params)
-    if params and params[0].device.type == "cpu":
-        wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 12))
-    else:
-        # On a GPU each wave costs a kernel launch per operation and the foreach kernels already
-        # stream well: a dozen waves at most, just to bound the sqrt temporary (~8% of params).
-        wave_numel = max(_ACCELERATOR_MIN_WAVE_NUMEL, total // 12)
-    pieces: list[tuple] = []  # (numel, p, g, m, v, slow, gc_rows or None)
-    small_gc: dict[int, list[torch.Tensor]] = defaultdict(list)
-    for param, grad, exp_avg, exp_avg_sq, slow in zip(
-        params, grads, exp_avgs, exp_avg_sqs, slow_params
-    ):
-        numel = param.numel()
-        gc = use_gc and numel > 0 and _gc_applies(grad, gc_conv_only)
-        chunkable = numel > wave_numel and _chunkable(param, grad, exp_avg, exp_avg_sq, slow)
-        if not chunkable:
-            if gc:
-                if numel < _SMALL_GC_NUMEL and _chunkable(grad):
-                    small_gc[numel // grad.shape[0]].append(grad)
-                else:
-                    centralize_gradient(grad, gc_conv_only)
-            pieces.append((numel, param, grad, exp_avg, exp_avg_sq, slow, None))
-            continue
-        row_length = numel // grad.shape[0] if gc else 1
-        chunk = max(1, wave_numel // row_length) * row_length
-        flats = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq, slow)]
-        for start in range(0, numel, chunk):
-            views = [flat[start : start + chunk] for flat in flats]
-            rows = views[1].view(-1, row_length) if gc else None
-            pieces.append((views[0].numel(), *views, rows))
-    for same_length in small_gc.values():
-        batch: list[torch.Tensor] = []
-        batch_numel = 0
-        for grad in same_length:  # the concatenated copy stays within one wave's size
-            if batch and batch_numel + grad.numel() > wave_numel:
-                _centralize_batched(batch)
-                batch, batch_numel = [], 0
-            batch.append(grad)
-            batch_numel += grad.numel()
-        _centralize_batched(batch)
 
-    waves = []
-    current: list[tuple] = []
-    current_numel = 0
-    for piece in pieces:
-        if current and current_numel + piece[0] > wave_numel:
-            waves.append(_wave(current))
-            current, current_numel = [], 0
-        current.append(piece)
-        current_numel += piece[0]
-    if current:
-        waves.append(_wave(current))
-    return waves
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_conv_only):
+        total = sum(p.numel() for p in params)
+        if params and params[0].device.type == "cpu":
+            wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 12))
+        else:
+            # On a GPU each wave costs a kernel launch per operation and the foreach kernels
+            # already stream well: a dozen waves at most, just to bound the sqrt temporary
+            # (~8% of params).
+            wave_numel = max(_ACCELERATOR_MIN_WAVE_NUMEL, total // 12)
+        self.wave_numel = wave_numel
+        self._gc_conv_only = gc_conv_only
+        self._single_gc: list[int] = []  # gradients centralized one by one
+        self._contiguous_grads: list[int] = []  # gradients the plan views as flat or rows
+        self._chunked: list[tuple] = []  # (param, state, their data_ptrs) of cut tensors
+        pieces: list[tuple] = []
+        small_gc: dict[int, list[int]] = defaultdict(list)
+        for index, (param, grad, exp_avg, exp_avg_sq, slow) in enumerate(
+            zip(params, grads, exp_avgs, exp_avg_sqs, slow_params)
+        ):
+            numel = param.numel()
+            gc = use_gc and numel > 0 and _gc_applies(grad, gc_conv_only)
+            tensors = (param, grad, exp_avg, exp_avg_sq, slow)
+            chunkable = numel > wave_numel and _chunkable(*tensors)
+            if not chunkable:
+                if gc:
+                    if numel < _SMALL_GC_NUMEL and _chunkable(grad):
+                        small_gc[numel // grad.shape[0]].append(index)
+                        self._contiguous_grads.append(index)
+                    else:
+                        self._single_gc.append(index)
+                pieces.append((numel, index, None, param, exp_avg, exp_avg_sq, slow, None))
+                continue
+            self._contiguous_grads.append(index)
+            owned = (param, exp_avg, exp_avg_sq, slow)
+            self._chunked.append((owned, tuple(t.data_ptr() for t in owned)))
+            row_length = numel // grad.shape[0] if gc else 1
+            chunk = max(1, wave_numel // row_length) * row_length
+            flats = [t.view(-1) for t in owned]
+            for start in range(0, numel, chunk):
+                views = [flat[start : start + chunk] for flat in flats]
+                span = (start, start + views[0].numel())
+                pieces.append((views[0].numel(), index, span, *views, row_length if gc else None))
+        # Batches of same-row-length gradients whose concatenated copy stays within a wave.
+        self._gc_batches: list[tuple] = []
+        for same_length in small_gc.values():
+            batch: list[int] = []
+            batch_numel = 0
+            for index in same_length:
+                numel = grads[index].numel()
+                if batch and batch_numel + numel > wave_numel:
+                    self._add_gc_batch(batch, grads)
+                    batch, batch_numel = [], 0
+                batch.append(index)
+                batch_numel += numel
+            self._add_gc_batch(batch, grads)
 
+        self.waves: list[_Wave] = []
+        current: list[tuple] = []
+        current_numel = 0
+        for piece in pieces:
+            if current and current_numel + piece[0] > wave_numel:
+                self.waves.append(_Wave(current))
+                current, current_numel = [], 0
+            current.append(piece)
+            current_numel += piece[0]
+        if current:
+            self.waves.append(_Wave(current))
 
-def _wave(pieces: list[tuple]) -> tuple:
-    _, wave_params, wave_grads, wave_exp_avgs, wave_exp_avg_sqs, wave_slow, rows = map(
-        list, zip(*pieces)
-    )
-    return (
-        wave_params,
-        wave_grads,
-        wave_exp_avgs,
-        wave_exp_avg_sqs,
-        wave_slow,
-        [r for r in rows if r is not None],
-    )
+    def _add_gc_batch(self, batch: list[int], grads: list[torch.Tensor]) -> None:
+        if len(batch) == 1:
+            self._single_gc.append(batch[0])
+            return
+        rows = [grads[index].shape[0] for index in batch]
+        as_matrices = all(grads[index].dim() == 2 for index in batch)
+        self._gc_batches.append((itemgetter(*batch), rows, as_matrices))
 
+    def fits(self, grads: list[torch.Tensor]) -> bool:
+        """Whether this plan still holds for these gradients (and the params' storage)."""
+        for index in self._contiguous_grads:
+            grad = grads[index]
+            if type(grad) not in _PLAIN_TYPES or not grad.is_contiguous():
+                return False
+        for owned, pointers in self._chunked:
+            if tuple(t.data_ptr() for t in owned) != pointers:
+                return False
+        return True
 
-def _centralize_batched(grads: list[torch.Tensor]) -> None:
-    """GC of contiguous gradients that share a row length: one mean over all their rows."""
-    if len(grads) == 1:
-        centralize_gradient(grads[0])
-        return
-    matrices = [g.view(g.shape[0], -1) for g in grads]
-    means = torch.cat(matrices).mean(dim=1, keepdim=True)
-    torch._foreach_sub_(matrices, list(means.split([m.shape[0] for m in matrices])))
+    def centralize(self, grads: list[torch.Tensor]) -> None:
+        """GC, in place, of the gradients that are not centralized per wave."""
+        for index in self._single_gc:
+            centralize_gradient(grads[index], self._gc_conv_only)
+        for pick, rows, as_matrices in self._gc_batches:
+            batch = pick(grads)
+            matrices = list(batch) if as_matrices else [g.view(g.shape[0], -1) for g in batch]
+            # One mean over all their rows: one mean per tensor costs more in dispatch than
+            # in arithmetic.
+            means = torch.cat(matrices).mean(dim=1, keepdim=True)
+            torch._foreach_sub_(matrices, list(means.split(rows)))

@@ -153,19 +153,27 @@ class Ranger(LookaheadControls, Optimizer):
         steps: list[int],
     ) -> None:
         with_grad = [p for p in group["params"] if p.grad is not None]
+        if not with_grad:
+            return
+        grads += [p.grad for p in with_grad]
         # Check everything before touching any state, so an error changes nothing.
+        if any(grad.is_sparse for grad in grads):
+            raise RuntimeError("Ranger does not support sparse gradients")
+        if any(dtype.is_complex for dtype in {p.dtype for p in with_grad}):
+            raise RuntimeError(
+                "Ranger does not support complex parameters; optimize "
+                "torch.view_as_real(param) instead"
+            )
+        if group["use_gc"]:  # also 1-D params: FSDP1 flattens every param to 1-D
+            # The check looks at marks a param keeps for life: skip the params already checked.
+            checked = self._gc_checked_params
+            for param in with_grad:
+                if id(param) not in checked:
+                    _check_gc_supported(param)
+            checked.update(map(id, with_grad))
+        state_of = self.state
         for param in with_grad:
-            if param.grad.is_sparse:
-                raise RuntimeError("Ranger does not support sparse gradients")
-            if torch.is_complex(param):
-                raise RuntimeError(
-                    "Ranger does not support complex parameters; optimize "
-                    "torch.view_as_real(param) instead"
-                )
-            if group["use_gc"]:  # also 1-D params: FSDP1 flattens every param to 1-D
-                _check_gc_supported(param)
-        for param in with_grad:
-            state = self.state[param]
+            state = state_of[param]
             if not state:
                 dtype = state_dtype(param)
                 state["step"] = 0
@@ -176,13 +184,22 @@ class Ranger(LookaheadControls, Optimizer):
                     param, dtype=dtype, memory_format=torch.preserve_format
                 )
                 state["slow_param"] = param.detach().to(dtype, copy=True)
-            state["step"] += 1
-            params.append(param)
-            grads.append(param.grad)
+            step = state["step"] + 1
+            state["step"] = step
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             slow_params.append(state["slow_param"])
-            steps.append(state["step"])
+            steps.append(step)
+        params += with_grad
+
+    @property
+    def _gc_checked_params(self) -> set[int]:
+        # ids of params that passed `_check_gc_supported`; the groups keep them alive, so an id
+        # is not reused while its param can still be stepped.
+        checked = self.__dict__.get("_gc_checked")
+        if checked is None:
+            checked = self.__dict__["_gc_checked"] = set()
+        return checked
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -192,6 +209,8 @@ class Ranger(LookaheadControls, Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Wave layouts of the default path, per group, reused while the params stay the same.
+        plan_caches = self.__dict__.setdefault("_plan_caches", {})
         for group_index, group in enumerate(self.param_groups):
             if group.get("fused") and fused_step(self, group_index, group):
                 continue
@@ -202,13 +221,7 @@ class Ranger(LookaheadControls, Optimizer):
             beta1, beta2 = group["betas"]
             # torch allows a tensor lr (schedulers fill it in place); step sizes are floats.
             lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
-            ranger(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                slow_params,
-                steps,
+            hyperparameters = dict(
                 lr=lr,
                 beta1=beta1,
                 beta2=beta2,
@@ -219,8 +232,17 @@ class Ranger(LookaheadControls, Optimizer):
                 use_gc=group["use_gc"],
                 gc_conv_only=group["gc_conv_only"],
                 rectify_threshold=group["rectify_threshold"],
-                foreach=group["foreach"],
             )
+            lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
+            foreach = group["foreach"]
+            if foreach is None:
+                # foreach kernels want plain strided tensors; DTensors dispatch them per shard.
+                foreach = all(p.layout == torch.strided for p in params)
+            if foreach:
+                cache = plan_caches.setdefault(group_index, {})
+                _multi_tensor_ranger(*lists, **hyperparameters, plan_cache=cache)
+            else:
+                _single_tensor_ranger(*lists, **hyperparameters)
         return loss
 
 

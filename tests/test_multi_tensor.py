@@ -115,16 +115,21 @@ def test_multi_tensor_equals_single_tensor_with_bf16_and_fp32():
 def test_waves_bound_the_temporary_and_cover_every_element(monkeypatch):
     """Each wave holds at most one chunk beyond the limit, and pieces tile the tensors."""
     params = [torch.randn(s, dtype=torch.float64) for s in SHAPES if s]
-    grads = [torch.randn_like(p) for p in params]
+    grads = [p.clone() for p in params]
     states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
-    waves = _multi_tensor._plan_waves(params, grads, *states, use_gc=True, gc_conv_only=False)
+    plan = _multi_tensor._Plan(params, grads, *states, use_gc=True, gc_conv_only=False)
+    waves = [(wave.state[0], wave.grads(grads)) for wave in plan.waves]
     covered = sum(piece.numel() for wave in waves for piece in wave[0])
     assert covered == sum(p.numel() for p in params)
-    for wave in waves:
-        pieces = wave[0]
-        assert len(pieces) == 1 or sum(p.numel() for p in pieces) <= _multi_tensor._WAVE_NUMEL
-        for param_piece, grad_piece in zip(wave[0], wave[1]):
-            assert param_piece.shape == grad_piece.shape
+    for wave_params, wave_grads in waves:
+        assert (
+            len(wave_params) == 1
+            or sum(p.numel() for p in wave_params) <= _multi_tensor._WAVE_NUMEL
+        )
+        for param_piece, grad_piece in zip(wave_params, wave_grads):
+            # Each gradient holds its param's values: a piece cut from the same region of the
+            # gradient as of the param has the same values.
+            assert torch.equal(param_piece, grad_piece)
 
 
 def test_default_path_runs_on_a_device_without_host_values():
