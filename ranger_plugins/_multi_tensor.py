@@ -11,10 +11,16 @@ What makes it fast (a step is bandwidth-bound on large tensors, overhead-bound o
   and the later operations find them in cache (a plain foreach step streams the whole model
   through memory once per operation). It also bounds the one temporary, sqrt(v) + eps, to one
   wave instead of the whole model.
-* Gradient Centralization in place: on large tensors per chunk of whole rows inside the wave
-  (the mean is read from cache); on small tensors batched per row length (one `cat`, one `mean`
-  and one foreach subtraction for all of them), since one mean per tensor costs more in
-  dispatch than in arithmetic.
+* Gradient Centralization in place, inside the wave (the mean is read from cache): per chunk of
+  whole rows for large tensors, per tensor for mid-sized ones. Small ones are batched per row
+  length (one `cat`, one `mean` and one foreach subtraction for all of them), since one mean per
+  tensor costs more in dispatch than in arithmetic.
+* Plans kept between steps: the layout of each bucket (waves, chunks, GC batches) is built once
+  and reused while the bucket holds the same params and state tensors. A kept plan also moves
+  the moments of its waves of many small tensors into flat buffers (the state tensors become
+  views of them), so the moment updates, sqrt and eps run as one operation per wave instead of
+  one per tensor; the gradients are gathered by one `_foreach_copy_`, and the param update
+  stays one foreach `addcdiv` on the state tensors.
 * One bucket per (device, dtype, step): foreach kernels need one device and dtype, and the step
   decides the scalar step size and whether Lookahead syncs.
 """
@@ -37,6 +43,8 @@ _MIN_WAVE_NUMEL = 1 << 16
 _ACCELERATOR_MIN_WAVE_NUMEL = 1 << 24
 # GC of gradients smaller than this is batched by row length.
 _SMALL_GC_NUMEL = 1 << 15
+# Waves of at least this many whole tensors update their moments as flat buffers.
+_MIN_GATHERED_PIECES = 4
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -123,6 +131,33 @@ def _multi_tensor_ranger(
                 rows.sub_(rows.mean(dim=1, keepdim=True))
             if weight_decay != 0:
                 torch._foreach_mul_(wave_params, decay)
+            if (
+                wave.flat is not None
+            ):  # the moments are flat: one operation each, not one per tensor
+                (
+                    exp_avg_flat,
+                    exp_avg_sq_flat,
+                    grad_flat,
+                    grad_views,
+                    denominator_flat,
+                    denominators,
+                ) = wave.flat
+                torch._foreach_copy_(grad_views, wave_grads)
+                exp_avg_flat.lerp_(grad_flat, 1.0 - beta1)
+                exp_avg_sq_flat.mul_(beta2)
+                exp_avg_sq_flat.addcmul_(grad_flat, grad_flat, value=1.0 - beta2)
+                if adaptive:
+                    torch.sqrt(exp_avg_sq_flat, out=denominator_flat)
+                    denominator_flat.add_(eps)
+                    torch._foreach_addcdiv_(
+                        wave_params, wave_exp_avgs, denominators, -lr * multiplier
+                    )
+                else:
+                    torch._foreach_add_(wave_params, wave_exp_avgs, alpha=-lr * multiplier)
+                if sync:
+                    torch._foreach_lerp_(wave_slow, wave_params, lookahead_alpha)
+                    _copy_into(wave_params, wave_slow)
+                continue
             torch._foreach_lerp_(wave_exp_avgs, wave_grads, 1.0 - beta1)
             torch._foreach_mul_(wave_exp_avg_sqs, beta2_scalar)
             torch._foreach_addcmul_(wave_exp_avg_sqs, wave_grads, wave_grads, 1.0 - beta2)
@@ -174,7 +209,7 @@ def _cached_plan(cache, settings, params, grads, exp_avgs, exp_avg_sqs, slow_par
     entry = cache.get(slot)
     if entry is not None and entry[0] == key and entry[1].fits(grads):
         return entry[1]
-    plan = _Plan(params, grads, exp_avgs, exp_avg_sqs, slow_params, *settings[2:])
+    plan = _Plan(params, grads, exp_avgs, exp_avg_sqs, slow_params, *settings[2:], gather=True)
     if len(cache) > 8:
         cache.clear()
     cache[slot] = (key, plan)
@@ -199,6 +234,28 @@ def _chunkable(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _relocate(tensors: list[torch.Tensor], numel: int) -> torch.Tensor:
+    """Copy contiguous ``tensors`` into one new flat buffer and make each a view of it."""
+    flat = torch.empty(numel, dtype=tensors[0].dtype, device=tensors[0].device)
+    storage = flat.untyped_storage()
+    offset = 0
+    for tensor in tensors:
+        size = tensor.numel()
+        flat[offset : offset + size].copy_(tensor.reshape(-1))
+        tensor.set_(storage, offset, tensor.shape, tensor.stride())
+        offset += size
+    return flat
+
+
+def _views_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of ``flat`` shaped like ``tensors``."""
+    views, offset = [], 0
+    for tensor in tensors:
+        views.append(flat[offset : offset + tensor.numel()].view(tensor.shape))
+        offset += tensor.numel()
+    return views
+
+
 class _Wave:
     """One wave: its param and state pieces (fixed), and how to cut its gradient pieces."""
 
@@ -213,6 +270,40 @@ class _Wave:
         self._spans = spans if any(span is not None for span in spans) else None
         self._pick = itemgetter(*indices)
         self.gc_rows = [(pos, length) for pos, length in enumerate(rows) if length is not None]
+        self.flat: tuple | None = None  # set by `gather`
+
+    def can_gather(self) -> bool:
+        """Whether `gather` applies: many whole small tensors with plain contiguous state."""
+        if self._spans is not None or len(self._indices) < _MIN_GATHERED_PIECES:
+            return False
+        _, exp_avgs, exp_avg_sqs, _ = self.state
+        return exp_avgs[0].device.type == "cpu" and _chunkable(*exp_avgs, *exp_avg_sqs)
+
+    def gather(self, grad_buffer: torch.Tensor, denominator_buffer: torch.Tensor) -> None:
+        """Move the wave's moments into one flat buffer each (the state tensors stay the same
+        objects, now views of it), so their updates run as one operation each instead of one
+        per tensor; the step gathers the gradients into ``grad_buffer`` (one `_foreach_copy_`) and puts
+        sqrt(v) + eps into ``denominator_buffer``."""
+        _, exp_avgs, exp_avg_sqs, _ = self.state
+        numel = self.numel
+        grads, denominators = grad_buffer[:numel], denominator_buffer[:numel]
+        self.flat = (
+            _relocate(exp_avgs, numel),
+            _relocate(exp_avg_sqs, numel),
+            grads,
+            _views_like(grads, exp_avgs),
+            denominators,
+            _views_like(denominators, exp_avgs),
+        )
+
+    def gathered_in_place(self) -> bool:
+        """Whether the moments still live in the flat buffers `gather` made."""
+        exp_avg_flat, exp_avg_sq_flat = self.flat[:2]
+        _, exp_avgs, exp_avg_sqs, _ = self.state
+        return (
+            exp_avgs[0].data_ptr() == exp_avg_flat.data_ptr()
+            and exp_avg_sqs[0].data_ptr() == exp_avg_sq_flat.data_ptr()
+        )
 
     def grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """This wave's gradient pieces, cut from the step's gradients."""
@@ -233,7 +324,17 @@ class _Plan:
     reused for the next steps of the same params.
     """
 
-    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_conv_only):
+    def __init__(
+        self,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        slow_params,
+        use_gc,
+        gc_conv_only,
+        gather=False,
+    ):
         total = sum(p.numel() for p in params)
         if params and params[0].device.type == "cpu":
             wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 12))
@@ -257,13 +358,17 @@ class _Plan:
             tensors = (param, grad, exp_avg, exp_avg_sq, slow)
             chunkable = numel > wave_numel and _chunkable(*tensors)
             if not chunkable:
+                rows = None
                 if gc:
-                    if numel < _SMALL_GC_NUMEL and _chunkable(grad):
+                    if not _chunkable(grad):
+                        self._single_gc.append(index)
+                    elif numel < _SMALL_GC_NUMEL:
                         small_gc[numel // grad.shape[0]].append(index)
                         self._contiguous_grads.append(index)
-                    else:
-                        self._single_gc.append(index)
-                pieces.append((numel, index, None, param, exp_avg, exp_avg_sq, slow, None))
+                    else:  # centralized in its wave, while it is in cache
+                        rows = numel // grad.shape[0]
+                        self._contiguous_grads.append(index)
+                pieces.append((numel, index, None, param, exp_avg, exp_avg_sq, slow, rows))
                 continue
             self._contiguous_grads.append(index)
             owned = (param, exp_avg, exp_avg_sq, slow)
@@ -300,6 +405,17 @@ class _Plan:
             current_numel += piece[0]
         if current:
             self.waves.append(_Wave(current))
+        # A plan kept for many steps gathers its waves of many small tensors (see
+        # `_Wave.gather`); a plan for one step would pay the state copy for nothing.
+        gathered = [wave for wave in self.waves if gather and wave.can_gather()]
+        if gathered:
+            work = exp_avgs[0]
+            size = max(wave.numel for wave in gathered)
+            grad_buffer = torch.empty(size, dtype=work.dtype, device=work.device)
+            denominator_buffer = torch.empty(size, dtype=work.dtype, device=work.device)
+            for wave in gathered:
+                wave.gather(grad_buffer, denominator_buffer)
+        self._gathered = gathered
 
     def _add_gc_batch(self, batch: list[int], grads: list[torch.Tensor]) -> None:
         if len(batch) == 1:
@@ -318,7 +434,7 @@ class _Plan:
         for owned, pointers in self._chunked:
             if tuple(t.data_ptr() for t in owned) != pointers:
                 return False
-        return True
+        return all(wave.gathered_in_place() for wave in self._gathered)
 
     def centralize(self, grads: list[torch.Tensor]) -> None:
         """GC, in place, of the gradients that are not centralized per wave."""

@@ -31,6 +31,7 @@ SHAPES = [
 def _small_waves(monkeypatch):
     monkeypatch.setattr(_multi_tensor, "_WAVE_NUMEL", 64)
     monkeypatch.setattr(_multi_tensor, "_SMALL_GC_NUMEL", 32)
+    monkeypatch.setattr(_multi_tensor, "_MIN_GATHERED_PIECES", 2)
 
 
 def _make_params(dtype, seed=0):
@@ -163,3 +164,52 @@ def test_empty_params_step_like_the_reference(fused):
     tolerance = 1e-12 if fused else 0.0  # the compiled kernel may round differently
     for param, ref in zip(params, reference):
         torch.testing.assert_close(param, ref, rtol=tolerance, atol=tolerance)
+
+
+def _many_small_params(seed):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(3, 5), (5,), (7,), (2, 2, 3), (), (1, 4), (9,), (6, 1)] * 6
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64)) for s in shapes
+    ]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_kept_plans_stay_equal_to_single_tensor_across_reloads_and_regrads(weight_decay):
+    """Steady state (the same gradient tensors every step: the plan is kept and its waves of
+    small tensors hold the moments in flat buffers), then fresh gradient tensors, then a
+    reloaded state (new state tensors: the plan is rebuilt): bitwise equal throughout."""
+    fast_params, ref_params = _many_small_params(0), _many_small_params(0)
+    fast = Ranger(fast_params, lr=0.05, weight_decay=weight_decay)
+    ref = Ranger(ref_params, lr=0.05, weight_decay=weight_decay, foreach=False)
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in fast_params]
+    for step in range(20):
+        if step == 8:  # fresh gradient tensors from now on
+            grads = [g * 1.5 for g in grads]
+        if step == 13:  # reload both from a checkpoint
+            fast.load_state_dict(_checkpoint_round_trip(fast.state_dict()))
+            ref.load_state_dict(_checkpoint_round_trip(ref.state_dict()))
+        for fast_param, ref_param, grad in zip(fast_params, ref_params, grads):
+            fast_param.grad = grad if step < 8 else grad.clone()
+            ref_param.grad = grad.clone()
+        fast.step()
+        ref.step()
+        for fast_param, ref_param in zip(fast_params, ref_params):
+            torch.testing.assert_close(fast_param, ref_param, rtol=0, atol=0)
+    assert any(plan._gathered for cache in fast._plan_caches.values() for _, plan in cache.values())
+    for fast_param, ref_param in zip(fast_params, ref_params):
+        for key in ("exp_avg", "exp_avg_sq", "slow_param"):
+            torch.testing.assert_close(
+                fast.state[fast_param][key], ref.state[ref_param][key], rtol=0, atol=0
+            )
+
+
+def _checkpoint_round_trip(state_dict):
+    """A checkpoint round trip, as `torch.save` / `torch.load(weights_only=True)`."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
