@@ -171,9 +171,8 @@ class Ranger(LookaheadControls, Optimizer):
                 if id(param) not in checked:
                     _check_gc_supported(param)
             checked.update(map(id, with_grad))
-        state_of = self.state
-        for param in with_grad:
-            state = state_of[param]
+        states = [self.state[param] for param in with_grad]
+        for param, state in zip(with_grad, states):
             if not state:
                 dtype = state_dtype(param)
                 state["step"] = 0
@@ -184,12 +183,13 @@ class Ranger(LookaheadControls, Optimizer):
                     param, dtype=dtype, memory_format=torch.preserve_format
                 )
                 state["slow_param"] = param.detach().to(dtype, copy=True)
-            step = state["step"] + 1
-            state["step"] = step
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            slow_params.append(state["slow_param"])
-            steps.append(step)
+        for state in states:
+            state["step"] += 1
+        # Comprehensions: a model of many small tensors pays this per tensor on every step.
+        exp_avgs += [state["exp_avg"] for state in states]
+        exp_avg_sqs += [state["exp_avg_sq"] for state in states]
+        slow_params += [state["slow_param"] for state in states]
+        steps += [state["step"] for state in states]
         params += with_grad
 
     @property
