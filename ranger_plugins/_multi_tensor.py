@@ -131,26 +131,18 @@ def _multi_tensor_ranger(
                 rows.sub_(rows.mean(dim=1, keepdim=True))
             if weight_decay != 0:
                 torch._foreach_mul_(wave_params, decay)
-            if (
-                wave.flat is not None
-            ):  # the moments are flat: one operation each, not one per tensor
-                (
-                    exp_avg_flat,
-                    exp_avg_sq_flat,
-                    grad_flat,
-                    grad_views,
-                    denominator_flat,
-                    denominators,
-                ) = wave.flat
-                torch._foreach_copy_(grad_views, wave_grads)
-                exp_avg_flat.lerp_(grad_flat, 1.0 - beta1)
+            # Flat moments: one operation each, not one per tensor.
+            if wave.flat is not None:
+                exp_avg_flat, exp_avg_sq_flat, scratch_flat, scratch_views = wave.flat
+                torch._foreach_copy_(scratch_views, wave_grads)  # the gradients, flat
+                exp_avg_flat.lerp_(scratch_flat, 1.0 - beta1)
                 exp_avg_sq_flat.mul_(beta2)
-                exp_avg_sq_flat.addcmul_(grad_flat, grad_flat, value=1.0 - beta2)
-                if adaptive:
-                    torch.sqrt(exp_avg_sq_flat, out=denominator_flat)
-                    denominator_flat.add_(eps)
+                exp_avg_sq_flat.addcmul_(scratch_flat, scratch_flat, value=1.0 - beta2)
+                if adaptive:  # the gradients are used up: the scratch takes sqrt(v) + eps
+                    torch.sqrt(exp_avg_sq_flat, out=scratch_flat)
+                    scratch_flat.add_(eps)
                     torch._foreach_addcdiv_(
-                        wave_params, wave_exp_avgs, denominators, -lr * multiplier
+                        wave_params, wave_exp_avgs, scratch_views, -lr * multiplier
                     )
                 else:
                     torch._foreach_add_(wave_params, wave_exp_avgs, alpha=-lr * multiplier)
@@ -205,11 +197,15 @@ def _cached_plan(cache, settings, params, grads, exp_avgs, exp_avg_sqs, slow_par
     )
     # One slot per (settings, size): a bucket that changes (state reloaded, params skipping
     # steps) replaces its old plan, so no stale plan keeps old state tensors alive for long.
-    slot = (settings, len(params))
+    slot = (settings, len(params), id(params[0]))
     entry = cache.get(slot)
     if entry is not None and entry[0] == key and entry[1].fits(grads):
-        return entry[1]
-    plan = _Plan(params, grads, exp_avgs, exp_avg_sqs, slow_params, *settings[2:], gather=True)
+        plan = entry[1]
+        # Reused at least once: worth moving the moments of its small-tensor waves (a state
+        # copy). A bucket that changes every step never pays it.
+        plan.gather()
+        return plan
+    plan = _Plan(params, grads, exp_avgs, exp_avg_sqs, slow_params, *settings[2:])
     if len(cache) > 8:
         cache.clear()
     cache[slot] = (key, plan)
@@ -279,21 +275,19 @@ class _Wave:
         _, exp_avgs, exp_avg_sqs, _ = self.state
         return exp_avgs[0].device.type == "cpu" and _chunkable(*exp_avgs, *exp_avg_sqs)
 
-    def gather(self, grad_buffer: torch.Tensor, denominator_buffer: torch.Tensor) -> None:
+    def gather(self, buffer: torch.Tensor) -> None:
         """Move the wave's moments into one flat buffer each (the state tensors stay the same
         objects, now views of it), so their updates run as one operation each instead of one
-        per tensor; the step gathers the gradients into ``grad_buffer`` (one `_foreach_copy_`) and puts
-        sqrt(v) + eps into ``denominator_buffer``."""
+        per tensor. The step gathers the gradients into ``buffer`` (one `_foreach_copy_`) and,
+        once the moments no longer need them, puts sqrt(v) + eps there."""
         _, exp_avgs, exp_avg_sqs, _ = self.state
         numel = self.numel
-        grads, denominators = grad_buffer[:numel], denominator_buffer[:numel]
+        flat = buffer[:numel]
         self.flat = (
             _relocate(exp_avgs, numel),
             _relocate(exp_avg_sqs, numel),
-            grads,
-            _views_like(grads, exp_avgs),
-            denominators,
-            _views_like(denominators, exp_avgs),
+            flat,
+            _views_like(flat, exp_avgs),
         )
 
     def gathered_in_place(self) -> bool:
@@ -324,17 +318,7 @@ class _Plan:
     reused for the next steps of the same params.
     """
 
-    def __init__(
-        self,
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        slow_params,
-        use_gc,
-        gc_conv_only,
-        gather=False,
-    ):
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_conv_only):
         total = sum(p.numel() for p in params)
         if params and params[0].device.type == "cpu":
             wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 12))
@@ -405,16 +389,20 @@ class _Plan:
             current_numel += piece[0]
         if current:
             self.waves.append(_Wave(current))
-        # A plan kept for many steps gathers its waves of many small tensors (see
-        # `_Wave.gather`); a plan for one step would pay the state copy for nothing.
-        gathered = [wave for wave in self.waves if gather and wave.can_gather()]
+        self._gathered: list[_Wave] | None = None  # None: `gather` not tried yet
+
+    def gather(self) -> None:
+        """Gather the waves of many small tensors (`_Wave.gather`), once."""
+        if self._gathered is not None:
+            return
+        gathered = [wave for wave in self.waves if wave.can_gather()]
         if gathered:
-            work = exp_avgs[0]
+            work = gathered[0].state[1][0]
             size = max(wave.numel for wave in gathered)
-            grad_buffer = torch.empty(size, dtype=work.dtype, device=work.device)
-            denominator_buffer = torch.empty(size, dtype=work.dtype, device=work.device)
+            # One buffer for all of them: the waves run one after another.
+            buffer = torch.empty(size, dtype=work.dtype, device=work.device)
             for wave in gathered:
-                wave.gather(grad_buffer, denominator_buffer)
+                wave.gather(buffer)
         self._gathered = gathered
 
     def _add_gc_batch(self, batch: list[int], grads: list[torch.Tensor]) -> None:
@@ -434,7 +422,7 @@ class _Plan:
         for owned, pointers in self._chunked:
             if tuple(t.data_ptr() for t in owned) != pointers:
                 return False
-        return all(wave.gathered_in_place() for wave in self._gathered)
+        return all(wave.gathered_in_place() for wave in self._gathered or ())
 
     def centralize(self, grads: list[torch.Tensor]) -> None:
         """GC, in place, of the gradients that are not centralized per wave."""
