@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ._math import _gc_applies, rectification
+from ._math import _gc_applies, rectification, step_hyperparameters
 from ._multi_tensor import _multi_tensor_ranger
 from ._state import state_dtype
 
@@ -426,24 +426,5 @@ def _step_per_param(optimizer, group: dict, flat_group: _FlatGroup) -> None:
             target.append(value)
     params, grads, exp_avgs, exp_avg_sqs, slow_params, steps = lists
     if params:
-        lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
-        beta1, beta2 = group["betas"]
-        _multi_tensor_ranger(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            slow_params,
-            steps,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            lookahead_k=group["lookahead_k"],
-            lookahead_alpha=group["lookahead_alpha"],
-            use_gc=group["use_gc"],
-            gc_conv_only=group["gc_conv_only"],
-            rectify_threshold=group["rectify_threshold"],
-        )
+        _multi_tensor_ranger(*lists, **step_hyperparameters(group))
     flat_group.step = _common_step(flat_group)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -40,3 +41,22 @@ def rectification(
         )
         return r_t * math.sqrt(bias_correction2) / bias_correction1, True
     return 1.0 / bias_correction1, False
+
+
+def step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's hyperparameters as the step functions take them (one place to add a new
+    one). torch allows a tensor lr (schedulers fill it in place); step sizes need a float."""
+    lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        lookahead_k=group["lookahead_k"],
+        lookahead_alpha=group["lookahead_alpha"],
+        use_gc=group["use_gc"],
+        gc_conv_only=group["gc_conv_only"],
+        rectify_threshold=group["rectify_threshold"],
+    )

@@ -15,7 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._fused import fused_step
-from ._math import centralize_gradient, rectification
+from ._math import centralize_gradient, rectification, step_hyperparameters
 from ._multi_tensor import _multi_tensor_ranger
 from ._state import check_lookahead_args, load_state_dict_safely, state_dtype
 from .lookahead import LookaheadControls
@@ -218,21 +218,7 @@ class Ranger(LookaheadControls, Optimizer):
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
-            # torch allows a tensor lr (schedulers fill it in place); step sizes are floats.
-            lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
-            hyperparameters = dict(
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                lookahead_k=group["lookahead_k"],
-                lookahead_alpha=group["lookahead_alpha"],
-                use_gc=group["use_gc"],
-                gc_conv_only=group["gc_conv_only"],
-                rectify_threshold=group["rectify_threshold"],
-            )
+            hyperparameters = step_hyperparameters(group)
             lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
             foreach = group["foreach"]
             if foreach is None:
