@@ -218,17 +218,17 @@ class Ranger(LookaheadControls, Optimizer):
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
             if not params:
                 continue
-            hyperparameters = step_hyperparameters(group)
-            lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
-            foreach = group["foreach"]
-            if foreach is None:
-                # foreach kernels want plain strided tensors; DTensors dispatch them per shard.
-                foreach = all(p.layout == torch.strided for p in params)
-            if foreach:
-                cache = plan_caches.setdefault(group_index, {})
-                _multi_tensor_ranger(*lists, **hyperparameters, plan_cache=cache)
-            else:
-                _single_tensor_ranger(*lists, **hyperparameters)
+            ranger(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                slow_params,
+                steps,
+                foreach=group["foreach"],
+                plan_cache=plan_caches.setdefault(group_index, {}),
+                **step_hyperparameters(group),
+            )
         return loss
 
 
@@ -329,14 +329,20 @@ def ranger(
     steps: list[int],
     *,
     foreach: bool | None = None,
+    plan_cache: dict | None = None,
     **hyperparameters: Any,
 ) -> None:
     """Functional Ranger: picks the multi-tensor path unless told otherwise.
 
-    ``steps`` are the parameters' step counts *after* this step's increment.
+    ``steps`` are the parameters' step counts *after* this step's increment. ``plan_cache``
+    lets the multi-tensor path keep its wave layout between calls (`Ranger.step` keeps one
+    per param group).
     """
+    lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
     if foreach is None:
         # foreach kernels want plain strided tensors; DTensors dispatch them per shard.
         foreach = all(p.layout == torch.strided for p in params)
-    implementation = _multi_tensor_ranger if foreach else _single_tensor_ranger
-    implementation(params, grads, exp_avgs, exp_avg_sqs, slow_params, steps, **hyperparameters)
+    if foreach:
+        _multi_tensor_ranger(*lists, **hyperparameters, plan_cache=plan_cache)
+    else:
+        _single_tensor_ranger(*lists, **hyperparameters)
