@@ -8,53 +8,16 @@ import pickle
 
 import pytest
 import torch
+from optim_helpers import (
+    assert_same,
+    assert_same_state,
+    clone_params,
+    make_params,
+    run,
+    set_grads,
+)
 
 from ranger_plugins import Lookahead, Ranger
-
-SHAPES = [(4, 3, 3, 3), (5, 7), (6,), ()]
-
-
-def make_params(dtype=torch.float64, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype))
-        for shape in SHAPES
-    ]
-
-
-def clone_params(params):
-    return [torch.nn.Parameter(p.detach().clone()) for p in params]
-
-
-def set_grads(params, step, seed=1, skip=()):
-    generator = torch.Generator().manual_seed(seed * 10_000 + step)
-    for index, param in enumerate(params):
-        grad = torch.randn(param.shape, generator=generator, dtype=torch.float64)
-        param.grad = None if index in skip else grad.to(param.dtype)
-
-
-def run(optimizer, params, steps, start=0, skip=()):
-    for step in range(start, start + steps):
-        set_grads(params, step, skip=skip)
-        optimizer.step()
-
-
-def assert_same(params_a, params_b):
-    for a, b in zip(params_a, params_b):
-        assert torch.equal(a, b), (a - b).abs().max()
-
-
-def assert_same_state(opt_a, params_a, opt_b, params_b):
-    assert_same(params_a, params_b)
-    for a, b in zip(params_a, params_b):
-        state_a, state_b = opt_a.state.get(a, {}), opt_b.state.get(b, {})
-        assert state_a.keys() == state_b.keys()
-        for key, value in state_a.items():
-            if isinstance(value, torch.Tensor):
-                assert value.dtype == state_b[key].dtype and torch.equal(value, state_b[key]), key
-            else:
-                assert value == state_b[key], key
-
 
 INNER = {
     "adamw_fused": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=True),
@@ -156,7 +119,7 @@ def test_slow_weights_context_swaps_in_slow_and_restores_fast_bitwise(factory, r
 
 
 def test_slow_weights_of_bf16_params_are_cast_in_and_fast_restored_exactly():
-    params = make_params(dtype=torch.bfloat16)
+    params = make_params((torch.bfloat16,))
     optimizer = Ranger(params, lr=0.01, k=6)
     run(optimizer, params, 3)
     fast = [p.detach().clone() for p in params]
@@ -340,7 +303,7 @@ def test_generic_lookahead_state_dict_round_trip_continues_bitwise(inner):
 
 
 def test_generic_lookahead_keeps_fp32_slow_weights_of_bf16_params_through_a_round_trip():
-    params = make_params(dtype=torch.bfloat16)
+    params = make_params((torch.bfloat16,))
     optimizer = Lookahead(torch.optim.AdamW(params, lr=0.01), k=3)
     run(optimizer, params, 4)
     assert all(optimizer.state[p]["slow_param"].dtype == torch.float32 for p in params)

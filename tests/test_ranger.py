@@ -13,54 +13,15 @@ import pickle
 
 import pytest
 import torch
+from optim_helpers import (
+    assert_same_state,
+    clone_params,
+    make_params,
+    run,
+    set_grads,
+)
 
 from ranger_plugins import Ranger, centralize_gradient
-
-SHAPES = [(4, 3, 3, 3), (5, 7), (6,), ()]
-
-
-def make_params(dtypes=(torch.float64,), shapes=SHAPES, seed=0):
-    """Parameters of mixed shapes (a 4-D conv weight, a matrix, a vector, a scalar)."""
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype))
-        for dtype in dtypes
-        for shape in shapes
-    ]
-
-
-def clone_params(params):
-    return [torch.nn.Parameter(p.detach().clone()) for p in params]
-
-
-def set_grads(params, step, seed=1, skip=()):
-    """Deterministic gradients for `step`; params whose index is in `skip` get none."""
-    generator = torch.Generator().manual_seed(seed * 10_000 + step)
-    for index, param in enumerate(params):
-        grad = torch.randn(param.shape, generator=generator, dtype=torch.float64)
-        param.grad = None if index in skip else grad.to(param.dtype)
-
-
-def run(optimizer, params, steps, start=0, skip=lambda step: ()):
-    for step in range(start, start + steps):
-        set_grads(params, step, skip=skip(step))
-        optimizer.step()
-
-
-def assert_same_state(opt_a, params_a, opt_b, params_b, exact=True):
-    """Every param and every state entry equal (bitwise when `exact`)."""
-    compare = torch.equal if exact else torch.allclose
-    for a, b in zip(params_a, params_b):
-        assert compare(a, b), (a - b).abs().max()
-        state_a, state_b = opt_a.state.get(a, {}), opt_b.state.get(b, {})
-        assert state_a.keys() == state_b.keys()
-        for key in state_a:
-            if isinstance(state_a[key], torch.Tensor):
-                assert state_a[key].dtype == state_b[key].dtype, key
-                assert compare(state_a[key], state_b[key]), key
-            else:
-                assert state_a[key] == state_b[key], key
-
 
 # ---------------------------------------------------------------------------- construction
 
