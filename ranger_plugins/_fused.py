@@ -82,6 +82,14 @@ def _ranger_kernel(
     exp_avg_sq.copy_(v)
 
 
+# On Lookahead sync steps the new weights go to two places (param and slow weights). Inductor
+# stores a value with several users to a temporary once it reads more than
+# `realize_reads_threshold` (4) inputs, and copies it out in a second loop: a full-size
+# allocation and an extra pass that made sync steps 3-4x slower than the others. Recomputing
+# instead costs nothing here, since both stores sit in the same loop body (its CSE keeps one
+# copy of the arithmetic).
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 64}
+
 _compiled_kernel: Any = None
 _use_eager_kernel = False
 
@@ -92,7 +100,9 @@ def _kernel():
     if _use_eager_kernel:
         return _ranger_kernel
     if _compiled_kernel is None:
-        _compiled_kernel = torch.compile(_ranger_kernel, dynamic=True, fullgraph=True)
+        _compiled_kernel = torch.compile(
+            _ranger_kernel, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS
+        )
     return _compiled_kernel
 
 
@@ -140,6 +150,9 @@ class _FlatGroup:
     layout_key: tuple
     states: list[dict] = field(default_factory=list)
     zero_mean: torch.Tensor | None = None  # (2, 1) zeros: the segment that is not centralized
+    # Per segment: whether it is centralized, then its 2-D (param, grad, exp_avg, exp_avg_sq,
+    # slow) views, made once so that a step does no slicing.
+    segment_views: list[tuple[bool, tuple[torch.Tensor, ...]]] = field(default_factory=list)
     step: int | None = None  # the params' common step count, None if they differ
 
 
@@ -257,6 +270,13 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
     )
     flat_group.step = _common_step(flat_group)
     flat_group.zero_mean = torch.zeros(2, 1, dtype=work, device=device)
+    flats = (flat_param, flat_grad, flat_exp_avg, flat_exp_avg_sq, flat_slow)
+    for segment in segments:
+        end = segment.start + segment.rows * segment.row_length
+        views = tuple(
+            flat[segment.start : end].view(segment.rows, segment.row_length) for flat in flats
+        )
+        flat_group.segment_views.append((segment.centralize, views))
     return flat_group
 
 
@@ -371,27 +391,9 @@ def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
         sync,
     )
     work = flat_group.flat_exp_avg.dtype
-    for segment in flat_group.segments:
-        shape = (segment.rows, segment.row_length)
-        end = segment.start + segment.rows * segment.row_length
-
-        def seg(flat, start=segment.start, end=end, shape=shape):
-            return flat[start:end].view(shape)
-
-        grad = seg(flat_group.flat_grad)
-        if segment.centralize:
-            mean = grad.mean(dim=1, keepdim=True, dtype=work)
-        else:
-            mean = flat_group.zero_mean
-        _run_kernel(
-            seg(flat_group.flat_param),
-            grad,
-            mean,
-            seg(flat_group.flat_exp_avg),
-            seg(flat_group.flat_exp_avg_sq),
-            seg(flat_group.flat_slow),
-            *scalars,
-        )
+    for centralize, (param, grad, exp_avg, exp_avg_sq, slow) in flat_group.segment_views:
+        mean = grad.mean(dim=1, keepdim=True, dtype=work) if centralize else flat_group.zero_mean
+        _run_kernel(param, grad, mean, exp_avg, exp_avg_sq, slow, *scalars)
 
 
 def _step_per_param(optimizer, group: dict, flat_group: _FlatGroup) -> None:

@@ -82,6 +82,33 @@ def test_fused_matches_default_path_in_float64_without_recompiling(kwargs):
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_is_one_loop_without_temporaries(param_dtype):
+    """Bandwidth is the whole game: the kernel must read and write each buffer once. With
+    inductor's default heuristics the sync step's result (stored to both param and slow
+    weights) went to a full-size temporary and was copied out in a second loop."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from ranger_plugins import _fused
+
+    torch._dynamo.reset()
+    rows, row_length = 256, 256  # big enough for a parallel loop
+    param = torch.randn(rows, row_length).to(param_dtype)
+    grad = torch.randn(rows, row_length).to(param_dtype)
+    exp_avg, exp_avg_sq, slow = (torch.rand(rows, row_length) for _ in range(3))
+    mean = grad.float().mean(dim=1, keepdim=True)
+    for sync in (False, True):
+        scalars = (0.99, 0.05, 0.999, 0.001, 1e-5, 1.0, -1e-3, 0.5, sync)
+        _, code = run_and_get_code(
+            _fused._kernel(), param, grad, mean, exp_avg, exp_avg_sq, slow, *scalars
+        )
+        source = "\n".join(code)
+        assert source.count("#pragma omp for") == 1, f"sync={sync}: more than one loop"
+        assert not re.search(r"buf\d+ = empty", source), f"sync={sync}: a temporary buffer"
+
+
 def test_fused_state_lives_in_flat_buffers_of_exactly_three_param_sizes():
     params, optimizer = _train(True, steps=2)
     storages = {}
