@@ -12,7 +12,9 @@ Why this shape (facts measured on torch 2.14):
   Lookahead sync) whatever the model, and a schedule that changes lr every step never
   recompiles.
 * Computing GC's row mean inside the compiled kernel crashes inductor's CPU outer-loop fusion
-  (``KeyError: 'bufNN'``); the means are computed just before, one ``mean`` per row length.
+  (``KeyError: 'bufNN'``: its local-buffer check looks up a read of the new param value in
+  the nodes that write m and v, which only wait for it). The means are computed just before,
+  per block of a few MiB of rows, so the kernel reads the gradient block again from cache.
 * The parameters become views into the flat buffer (``param.data`` is re-pointed once), and
   so do ``param.grad`` and ``state[param][...]``. So ``state_dict()``, loading, and the
   Lookahead controls see ordinary per-parameter tensors. A gradient that autograd allocated
@@ -22,8 +24,9 @@ Why this shape (facts measured on torch 2.14):
 * A step whose parameters do not all have gradients, or whose parameters' step counts differ,
   runs the default multi-tensor path on the same views (exact, just not fused).
 
-Memory traffic per fp32 parameter and step: read p, grad (twice: the GC mean), m, v; write p,
-m, v: 32 bytes (28 without GC), plus 8 bytes on Lookahead sync steps for the slow weights.
+Memory traffic per fp32 parameter and step: read p, grad, m, v; write p, m, v: 28 bytes (the GC
+mean's read of the gradient mostly hits cache), plus 8 bytes on Lookahead sync steps for the
+slow weights.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from ._multi_tensor import _multi_tensor_ranger
 from ._state import state_dtype
 
 _ALIGN = 64  # elements; segment starts stay aligned for vector loads
+# Gradient elements per kernel call on centralized segments: a few MiB, so the block the row
+# means just read is still in cache; large enough that per-call overhead stays small.
+_BLOCK_NUMEL = 1 << 20
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -150,8 +156,8 @@ class _FlatGroup:
     layout_key: tuple
     states: list[dict] = field(default_factory=list)
     zero_mean: torch.Tensor | None = None  # (2, 1) zeros: the segment that is not centralized
-    # Per segment: whether it is centralized, then its 2-D (param, grad, exp_avg, exp_avg_sq,
-    # slow) views, made once so that a step does no slicing.
+    # Per block of a segment (`_row_blocks`): whether it is centralized, then its 2-D (param,
+    # grad, exp_avg, exp_avg_sq, slow) views, made once so that a step does no slicing.
     segment_views: list[tuple[bool, tuple[torch.Tensor, ...]]] = field(default_factory=list)
     step: int | None = None  # the params' common step count, None if they differ
 
@@ -272,12 +278,29 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
     flat_group.zero_mean = torch.zeros(2, 1, dtype=work, device=device)
     flats = (flat_param, flat_grad, flat_exp_avg, flat_exp_avg_sq, flat_slow)
     for segment in segments:
-        end = segment.start + segment.rows * segment.row_length
-        views = tuple(
-            flat[segment.start : end].view(segment.rows, segment.row_length) for flat in flats
-        )
-        flat_group.segment_views.append((segment.centralize, views))
+        for first_row, end_row in _row_blocks(segment, device.type == "cpu"):
+            start = segment.start + first_row * segment.row_length
+            end = segment.start + end_row * segment.row_length
+            shape = (end_row - first_row, segment.row_length)
+            views = tuple(flat[start:end].view(shape) for flat in flats)
+            flat_group.segment_views.append((segment.centralize, views))
     return flat_group
+
+
+def _row_blocks(segment: _Segment, on_cpu: bool) -> list[tuple[int, int]]:
+    """Row ranges a centralized segment is stepped in: the row means read each block of
+    gradients just before the kernel does, so the kernel finds it in cache instead of reading
+    it from memory a second time (5% of a ResNet-50 or BERT-like step on this CPU). Every block has
+    at least 2 rows: a size-1 dimension would make the compiler specialize and recompile."""
+    if not segment.centralize or not on_cpu:
+        # On a GPU each call costs host time (guards, launch) that dwarfs the few microseconds
+        # of the device work, so fewer, larger calls win.
+        return [(0, segment.rows)]
+    rows_per_block = max(2, _BLOCK_NUMEL // segment.row_length)
+    starts = list(range(0, segment.rows, rows_per_block))
+    if len(starts) > 1 and segment.rows - starts[-1] < 2:
+        starts.pop()  # a 1-row remainder joins the previous block
+    return list(zip(starts, starts[1:] + [segment.rows]))
 
 
 def _layout_key(group: dict) -> tuple:

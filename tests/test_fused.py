@@ -82,6 +82,23 @@ def test_fused_matches_default_path_in_float64_without_recompiling(kwargs):
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatch):
+    # Blocks of 2 rows (row length 12) and 4 rows (row length 4); the conv/linear segment's
+    # 11 rows end in a 3-row block, since a 1-row remainder joins the block before it.
+    from ranger_plugins import _fused
+
+    monkeypatch.setattr(_fused, "_BLOCK_NUMEL", 24)
+    torch._dynamo.reset()
+    counters.clear()
+    fused_params, fused_opt = _train(True)
+    (flat_group,) = _fused._caches[fused_opt].groups[0]
+    block_rows = [views[1].shape[0] for centralize, views in flat_group.segment_views]
+    assert block_rows.count(2) >= 5 and 3 in block_rows and 1 not in block_rows
+    ref_params, ref_opt = _train(False)
+    _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_is_one_loop_without_temporaries(param_dtype):
     """Bandwidth is the whole game: the kernel must read and write each buffer once. With
