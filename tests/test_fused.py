@@ -272,12 +272,13 @@ def test_benchmark_quick_run_prints_every_row(tmp_path, capsys):
             assert state_bytes == 3 * result["param_bytes"]
             assert peak >= 0
     for label in (
-        "fastai Learner epoch, ranger_plugins.fastai.ranger",
-        "fastai Learner epoch, ranger_plugins.fastai.ranger, fused",
-        "fastai Learner epoch, fastai.optimizer.ranger",
-        "Lightning epoch, ranger_plugins.lightning.ranger_optimizers",
-        "Lightning epoch, ranger_plugins.lightning.ranger_optimizers(fused=True)",
-        "Lightning epoch, torch_optimizer.Ranger (+ closure call)",
+        "fastai Learner epoch, ranger_plugins.fastai.ranger (no GC, fastai's default)",
+        "fastai Learner epoch, ranger_plugins.fastai.ranger(fused=True)",
+        "fastai Learner epoch, fastai.optimizer.ranger (no GC)",
+        "Lightning epoch, ranger_plugins.lightning.ranger_optimizers (GC on)",
+        "Lightning epoch, ranger_optimizers(use_gc=False) (like the peer)",
+        "Lightning epoch, ranger_optimizers(fused=True) (GC on)",
+        "Lightning epoch, torch_optimizer.Ranger (no GC; + closure call)",
     ):
         line = next(line for line in out.splitlines() if line.startswith(label + " "))
         assert line.rstrip().endswith(" s"), line  # timed, not skipped or failed
