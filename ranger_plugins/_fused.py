@@ -290,8 +290,9 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
 def _row_blocks(segment: _Segment, on_cpu: bool) -> list[tuple[int, int]]:
     """Row ranges a centralized segment is stepped in: the row means read each block of
     gradients just before the kernel does, so the kernel finds it in cache instead of reading
-    it from memory a second time (5% of a ResNet-50 or BERT-like step on this CPU). Every block has
-    at least 2 rows: a size-1 dimension would make the compiler specialize and recompile."""
+    it from memory a second time (5% of a ResNet-50 or BERT-like step on this CPU). Every
+    block has at least 2 rows: a size-1 dimension would make the compiler specialize and
+    recompile."""
     if not segment.centralize or not on_cpu:
         # On a GPU each call costs host time (guards, launch) that dwarfs the few microseconds
         # of the device work, so fewer, larger calls win.
