@@ -1,16 +1,16 @@
 """Side-by-side benchmark of one Ranger step: ``python -m ranger_plugins.bench``.
 
 Every row steps its own copy of the same parameters with the same gradients, in one process,
-and the rows are timed in interleaved rounds (so background load hits them alike). The table
-gives each row's best round (time per step) with its multiple of the memory floor and its ratio
-to the fastest peer, and the median round beside it; a PNG bar chart is written beside it. Best
-rounds are compared because the floor is a best too, and on a shared machine other tenants'
-memory traffic only ever adds time (the medians show how much).
+and the rows are timed in interleaved rounds. On a shared machine other tenants' memory traffic
+moves every time by tens of percent within a minute, so ratios are paired: in each round the
+floor is measured just before each row, each row's time is divided by that floor and by the
+fastest peer's time in the same round, and the table gives the median of these per-round
+ratios (and the median time per step). A PNG bar chart is written beside it.
 
 The floor is measured in the same run: a Ranger step must read p, grad, m and v and write p, m
 and v, 28 bytes per fp32 parameter, and the floor is that traffic at the best bandwidth that
-simple in-place streaming ops (``mul_``, ``add_``, ``addcmul_``) reach on buffers of the
-workload's size.
+simple in-place streaming ops (``mul_``, ``add_``, ``addcmul_``) reach, at that moment, on
+buffers of the workload's size.
 
 Needs the peers (``pip install 'ranger-plugins[dev]'``): fastai, torch-optimizer,
 pytorch-optimizer, timm, torchvision, matplotlib. A peer that cannot be imported is skipped with
@@ -87,6 +87,7 @@ class Row:
     make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
     fresh_grads: bool = False  # re-assign the shared grads before every step (untimed)
     times: list[float] = field(default_factory=list)
+    floors: list[float] = field(default_factory=list)  # the floor measured just before each
     first_step: float = 0.0
     setup: float = 0.0
     note: str = ""
@@ -272,7 +273,7 @@ def run_workload(
     print(f"\n== {name}: {len(shapes)} tensors, {numel / 1e6:.2f}M params", flush=True)
     instances: list[Instance] = []
     for row in rows:
-        row.times, row.note = [], ""
+        row.times, row.floors, row.note = [], [], ""
         params = [torch.nn.Parameter(v.clone()) for v in values]
         _assign_grads(params, grads)
         try:
@@ -296,12 +297,14 @@ def run_workload(
         row.setup = time.perf_counter() - start
         instances.append(Instance(row, optimizer, params))
 
-    floor_ms, bandwidth = float("inf"), 0.0
+    bandwidth = 0.0
     for round_index in range(rounds):
         order = (
             instances[round_index % len(instances) :] + instances[: round_index % len(instances)]
         )
         for instance in order:
+            floor, round_bandwidth = measure_floor_ms(numel, device, repeats=1)
+            bandwidth = max(bandwidth, round_bandwidth)
             total = 0.0
             for _ in range(steps_per_round):
                 if instance.row.fresh_grads:
@@ -312,9 +315,7 @@ def run_workload(
                 _sync(device)
                 total += time.perf_counter() - start
             instance.row.times.append(total / steps_per_round * 1e3)
-        round_floor, round_bandwidth = measure_floor_ms(numel, device, repeats=1)
-        if round_floor < floor_ms:
-            floor_ms, bandwidth = round_floor, round_bandwidth
+            instance.row.floors.append(floor)
 
     # Memory: state bytes (unique storages) and the peak extra allocation of one more step.
     param_bytes_fp32 = numel * 4
@@ -327,23 +328,38 @@ def run_workload(
         peak = peak_extra_bytes(instance.optimizer.step)
         memory[instance.row.name] = (_state_bytes(instance.optimizer), peak)
 
+    timed = [r for r in rows if r.times]
+    peers = [r for r in timed if r.kind == "peer"]
+    fastest_peer = [min(r.times[i] for r in peers) for i in range(rounds)] if peers else None
     result = {
         "name": name,
         "tensors": len(shapes),
         "numel": numel,
-        "floor_ms": floor_ms,
+        "floor_ms": statistics.median(f for r in timed for f in r.floors),
         "bandwidth": bandwidth,
         "rows": [
-            (
-                r.name,
-                r.kind,
-                r.does_gc,
-                min(r.times),
-                statistics.median(r.times),
-                max(0.0, r.setup - warmup * statistics.median(r.times) / 1e3),
-            )
-            for r in rows
-            if r.times
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "does_gc": r.does_gc,
+                "ms": statistics.median(r.times),
+                "x_floor": statistics.median(t / f for t, f in zip(r.times, r.floors)),
+                "vs_fastest_peer": (
+                    statistics.median(t / p for t, p in zip(r.times, fastest_peer))
+                    if fastest_peer
+                    else float("nan")
+                ),
+                "setup": max(0.0, r.setup - warmup * statistics.median(r.times) / 1e3),
+            }
+            for r in timed
+        ],
+        # Paired speedups of our GC rows over each peer that also does GC.
+        "gc_speedups": [
+            (ours.name, peer.name, statistics.median(p / t for p, t in zip(peer.times, ours.times)))
+            for ours in timed
+            if ours.kind == "ours" and ours.does_gc
+            for peer in peers
+            if peer.does_gc
         ],
         "skipped": [(r.name, r.note) for r in rows if r.note],
         "memory": memory,
@@ -356,22 +372,21 @@ def run_workload(
 
 
 def print_workload(result: dict) -> None:
-    rows = result["rows"]
-    peers = [t for _, kind, _, t, _, _ in rows if kind == "peer"]
-    fastest_peer = min(peers) if peers else float("nan")
     print(
-        f"floor {result['floor_ms']:.2f} ms ({FLOOR_BYTES_PER_PARAM} B/param at "
-        f"{result['bandwidth']:.1f} GB/s, best in-place streaming op, same run)"
+        f"floor {result['floor_ms']:.2f} ms, median ({FLOOR_BYTES_PER_PARAM} B/param; best "
+        f"in-place streaming bandwidth {result['bandwidth']:.1f} GB/s); ratios are medians of "
+        "per-round ratios"
     )
     print(
-        f"{'row':<52} {'GC':>3} {'ms/step':>9} {'x floor':>8} {'/fastest peer':>14} "
-        f"{'median ms':>10} {'setup s':>8}"
+        f"{'row':<52} {'GC':>3} {'ms/step':>9} {'x floor':>8} {'/fastest peer':>14} {'setup s':>8}"
     )
-    for name, _, does_gc, ms, median_ms, setup in rows:
+    for row in result["rows"]:
         print(
-            f"{name:<52} {'yes' if does_gc else 'no':>3} {ms:9.2f} {ms / result['floor_ms']:8.2f} "
-            f"{ms / fastest_peer:14.2f} {median_ms:10.2f} {setup:8.2f}"
+            f"{row['name']:<52} {'yes' if row['does_gc'] else 'no':>3} {row['ms']:9.2f} "
+            f"{row['x_floor']:8.2f} {row['vs_fastest_peer']:14.2f} {row['setup']:8.2f}"
         )
+    for ours, peer, speedup in result["gc_speedups"]:
+        print(f"{ours} is {speedup:.2f}x as fast as {peer} (median of per-round ratios)")
     for name, note in result["skipped"]:
         print(f"{name:<52} {note}")
     for name, (state_bytes, peak) in result["memory"].items():
@@ -539,11 +554,11 @@ def write_chart(results: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 6), squeeze=False)
     for ax, result in zip(axes[0], results):
-        names = [name for name, *_ in result["rows"]]
-        multiples = [ms / result["floor_ms"] for _, _, _, ms, _, _ in result["rows"]]
+        names = [row["name"] for row in result["rows"]]
+        multiples = [row["x_floor"] for row in result["rows"]]
         colors = [
             {"ours": "tab:green", "peer": "tab:gray", "yardstick": "tab:blue"}[kind]
-            for _, kind, *_ in result["rows"]
+            for kind in (row["kind"] for row in result["rows"])
         ]
         ax.barh(range(len(names)), multiples, color=colors)
         ax.set_yticks(range(len(names)), names, fontsize=8)
@@ -552,7 +567,7 @@ def write_chart(results: list[dict], path: str) -> None:
         ax.set_xlabel("time per step / memory floor (lower is better)")
         ax.set_title(
             f"{result['name']}: {result['tensors']} tensors, {result['numel'] / 1e6:.1f}M params\n"
-            f"floor {result['floor_ms']:.2f} ms"
+            f"floor {result['floor_ms']:.2f} ms (median)"
         )
     fig.suptitle("One optimizer step, side by side (green: ranger_plugins)")
     fig.tight_layout()
@@ -603,7 +618,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}; "
         f"lr {LR}, betas (0.95, 0.999), eps {EPS}, wd 0, k 6, alpha 0.5 for every row; "
-        f"best and median of {rounds} rounds x {steps_per_round} steps, rows interleaved"
+        f"{rounds} rounds x {steps_per_round} steps, rows interleaved, floor paired with each"
     )
     if not include_fused:
         print("ours fused: skipped (this version of Ranger has no fused=True)")

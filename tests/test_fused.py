@@ -265,9 +265,12 @@ def test_benchmark_quick_run_prints_every_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert [r["name"] for r in results] == ["small800"]
     for result in results:
-        names = [name for name, *_ in result["rows"]]
+        names = [row["name"] for row in result["rows"]]
         assert names == [row.name for row in bench.build_rows(include_fused=True)]
         assert result["floor_ms"] > 0
+        assert {peer for _, peer, speedup in result["gc_speedups"] if speedup > 0} == {
+            "pytorch_optimizer.Ranger (GC)"
+        }
         for _, (state_bytes, peak) in result["memory"].items():
             assert state_bytes == 3 * result["param_bytes"]
             assert peak >= 0
