@@ -18,9 +18,10 @@ Why this shape (facts measured on torch 2.14):
 * The parameters become views into the flat buffer (``param.data`` is re-pointed once), and
   so do ``param.grad`` and ``state[param][...]``. So ``state_dict()``, loading, and the
   Lookahead controls see ordinary per-parameter tensors. A gradient that autograd allocated
-  afresh (``zero_grad(set_to_none=True)``) is copied into the flat buffer at the next step and
-  ``param.grad`` is re-pointed; with ``zero_grad(set_to_none=False)`` backward accumulates in
-  place and no copy is needed.
+  afresh (``zero_grad(set_to_none=True)``, fastai's and Lightning's default) is read where it
+  is when its param has kernel calls of its own (large params, on CPU); otherwise it is copied
+  into the flat buffer and ``param.grad`` is re-pointed there, so that with
+  ``zero_grad(set_to_none=False)`` backward accumulates in place and no copy is needed.
 * A step whose parameters do not all have gradients, or whose parameters' step counts differ,
   runs the default multi-tensor path on the same views (exact, just not fused).
 
@@ -138,6 +139,19 @@ class _Segment:
     rows: int
     row_length: int
     centralize: bool
+    # (position of the param in the flat group, its rows), in buffer order; a padding row
+    # (see `_build`) belongs to no param.
+    members: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Block:
+    """The rows of a segment one kernel call steps."""
+
+    centralize: bool
+    views: tuple[torch.Tensor, ...]  # 2-D (param, grad, exp_avg, exp_avg_sq, slow) views
+    owner: int | None  # the param whose rows these all are, if only one param's
+    owner_offset: int  # the block's first element within the owner param
 
 
 @dataclass
@@ -156,9 +170,11 @@ class _FlatGroup:
     layout_key: tuple
     states: list[dict] = field(default_factory=list)
     zero_mean: torch.Tensor | None = None  # (2, 1) zeros: the segment that is not centralized
-    # Per block of a segment (`_row_blocks`): whether it is centralized, then its 2-D (param,
-    # grad, exp_avg, exp_avg_sq, slow) views, made once so that a step does no slicing.
-    segment_views: list[tuple[bool, tuple[torch.Tensor, ...]]] = field(default_factory=list)
+    # The kernel calls of a step (`_row_blocks`), their views made once.
+    blocks: list[_Block] = field(default_factory=list)
+    # Positions of the params whose blocks are all their own: a fresh gradient of theirs is
+    # read where autograd put it, not copied into the flat buffer first.
+    own_blocks: set[int] = field(default_factory=set)
     step: int | None = None  # the params' common step count, None if they differ
 
 
@@ -214,7 +230,9 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
         members = by_row_length[row_length]
         cursor = -(-cursor // _ALIGN) * _ALIGN
         start = cursor
+        positions = []
         for param in members:
+            positions.append(len(order))
             order.append(param)
             offsets.append(cursor)
             cursor += param.numel()
@@ -225,7 +243,8 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
                 # pad with a zero row, which the kernel leaves at zero.
                 cursor += row_length
                 numel += row_length
-            segments.append(_Segment(start, numel // row_length, row_length, True))
+            rows = [(position, p.numel() // row_length) for position, p in zip(positions, members)]
+            segments.append(_Segment(start, numel // row_length, row_length, True, rows))
         else:
             # Seen as 2 rows so that every segment has the kernel's 2-D form; pad to even.
             cursor += numel % 2
@@ -277,31 +296,71 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
     flat_group.step = _common_step(flat_group)
     flat_group.zero_mean = torch.zeros(2, 1, dtype=work, device=device)
     flats = (flat_param, flat_grad, flat_exp_avg, flat_exp_avg_sq, flat_slow)
+    owners: dict[int, set] = defaultdict(set)  # param position -> owners of its blocks
     for segment in segments:
-        for first_row, end_row in _row_blocks(segment, device.type == "cpu"):
+        first_rows = {}
+        row = 0
+        for position, rows in segment.members:
+            first_rows[position] = row
+            row += rows
+        for first_row, end_row, owner in _row_blocks(segment, device.type == "cpu"):
             start = segment.start + first_row * segment.row_length
             end = segment.start + end_row * segment.row_length
             shape = (end_row - first_row, segment.row_length)
             views = tuple(flat[start:end].view(shape) for flat in flats)
-            flat_group.segment_views.append((segment.centralize, views))
+            offset = 0 if owner is None else (first_row - first_rows[owner]) * segment.row_length
+            flat_group.blocks.append(_Block(segment.centralize, views, owner, offset))
+            for position, rows in segment.members:
+                if first_rows[position] < end_row and first_rows[position] + rows > first_row:
+                    owners[position].add(owner)
+    flat_group.own_blocks = {
+        position
+        for position, block_owners in owners.items()
+        if block_owners == {position} and param_views[position].is_contiguous()
+    }
     return flat_group
 
 
-def _row_blocks(segment: _Segment, on_cpu: bool) -> list[tuple[int, int]]:
-    """Row ranges a centralized segment is stepped in: the row means read each block of
-    gradients just before the kernel does, so the kernel finds it in cache instead of reading
-    it from memory a second time (5% of a ResNet-50 or BERT-like step on this CPU). Every
+def _row_blocks(segment: _Segment, on_cpu: bool) -> list[tuple[int, int, int | None]]:
+    """(first row, end row, owner) of the kernel calls that step ``segment``.
+
+    On CPU a centralized segment is stepped in blocks of about `_BLOCK_NUMEL` elements: the
+    row means read each block of gradients just before the kernel does, so the kernel finds it
+    in cache instead of reading it from memory a second time (5% of a ResNet-50 or BERT-like
+    step on this CPU). A large param gets blocks of its own (``owner`` is its position), so a
+    fresh gradient of it can be read in place; small params share blocks (owner None). Every
     block has at least 2 rows: a size-1 dimension would make the compiler specialize and
-    recompile."""
+    recompile.
+    """
     if not segment.centralize or not on_cpu:
         # On a GPU each call costs host time (guards, launch) that dwarfs the few microseconds
         # of the device work, so fewer, larger calls win.
-        return [(0, segment.rows)]
+        return [(0, segment.rows, None)]
     rows_per_block = max(2, _BLOCK_NUMEL // segment.row_length)
-    starts = list(range(0, segment.rows, rows_per_block))
-    if len(starts) > 1 and segment.rows - starts[-1] < 2:
-        starts.pop()  # a 1-row remainder joins the previous block
-    return list(zip(starts, starts[1:] + [segment.rows]))
+    blocks: list[tuple[int, int, int | None]] = []
+    shared_start = 0  # first row of the small params not yet in a block
+    row = 0
+    for position, rows in segment.members:
+        own = rows >= 2 and rows * segment.row_length * 2 >= _BLOCK_NUMEL
+        if own and row - shared_start != 1:  # a lone pending row cannot be a block
+            if row > shared_start:
+                blocks.append((shared_start, row, None))
+            starts = list(range(row, row + rows, rows_per_block))
+            if len(starts) > 1 and row + rows - starts[-1] < 2:
+                starts.pop()  # a 1-row remainder joins the block before it
+            blocks += [(a, b, position) for a, b in zip(starts, starts[1:] + [row + rows])]
+            shared_start = row + rows
+        elif row + rows - shared_start >= rows_per_block:
+            blocks.append((shared_start, row + rows, None))
+            shared_start = row + rows
+        row += rows
+    if segment.rows > shared_start:  # the last small params, and any padding row
+        if segment.rows - shared_start < 2:
+            first_row, _, _ = blocks.pop()
+            blocks.append((first_row, segment.rows, None))
+        else:
+            blocks.append((shared_start, segment.rows, None))
+    return blocks
 
 
 def _layout_key(group: dict) -> tuple:
@@ -372,8 +431,10 @@ def fused_step(optimizer, group_index: int, group: dict) -> bool:
 
 def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
     params, grad_views = flat_group.params, flat_group.grad_views
+    own_blocks = flat_group.own_blocks
     stale_grads, stale_views, all_have_grads = [], [], True
-    for param, grad_view in zip(params, grad_views):
+    fresh: dict[int, torch.Tensor] = {}  # position -> a fresh gradient read where it is
+    for position, (param, grad_view) in enumerate(zip(params, grad_views)):
         grad = param.grad
         if grad is grad_view:
             continue
@@ -381,14 +442,17 @@ def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
             all_have_grads = False
         elif grad.is_sparse:
             raise RuntimeError("Ranger does not support sparse gradients")
+        elif position in own_blocks and type(grad) in _PLAIN_TYPES and grad.is_contiguous():
+            fresh[position] = _flat_alias(grad)
         else:
             stale_grads.append(grad)
             stale_views.append(grad_view)
     if stale_grads:
-        # Freshly allocated gradients: copy them in and point param.grad at the flat buffer.
+        # Freshly allocated gradients of small params: copy them in and point param.grad at
+        # the flat buffer (with set_to_none=False the next backward then accumulates there).
         torch._foreach_copy_(stale_views, stale_grads)
-        for param, grad_view in zip(params, grad_views):
-            if param.grad is not None and param.grad is not grad_view:
+        for position, (param, grad_view) in enumerate(zip(params, grad_views)):
+            if param.grad is not None and param.grad is not grad_view and position not in fresh:
                 param.grad = grad_view
 
     if not all_have_grads or flat_group.step is None:
@@ -415,9 +479,24 @@ def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
         sync,
     )
     work = flat_group.flat_exp_avg.dtype
-    for centralize, (param, grad, exp_avg, exp_avg_sq, slow) in flat_group.segment_views:
-        mean = grad.mean(dim=1, keepdim=True, dtype=work) if centralize else flat_group.zero_mean
+    for block in flat_group.blocks:
+        param, grad, exp_avg, exp_avg_sq, slow = block.views
+        if block.owner in fresh:
+            start = block.owner_offset
+            grad = fresh[block.owner][start : start + grad.numel()].view(grad.shape)
+        mean = (
+            grad.mean(dim=1, keepdim=True, dtype=work) if block.centralize else flat_group.zero_mean
+        )
         _run_kernel(param, grad, mean, exp_avg, exp_avg_sq, slow, *scalars)
+
+
+def _flat_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor on the memory of contiguous ``tensor`` that is not a view of it, so the
+    kernel's inputs cut from it look to the compiler like those cut from the flat buffers (it
+    guards on the base of a view: a 4-D conv gradient then a 2-D one would recompile)."""
+    return tensor.new_empty(0).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,)
+    )
 
 
 def _step_per_param(optimizer, group: dict, flat_group: _FlatGroup) -> None:

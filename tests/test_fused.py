@@ -83,8 +83,8 @@ def test_fused_matches_default_path_in_float64_without_recompiling(kwargs):
 
 
 def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatch):
-    # Blocks of 2 rows (row length 12) and 4 rows (row length 4); the conv/linear segment's
-    # 11 rows end in a 3-row block, since a 1-row remainder joins the block before it.
+    # Blocks of 2 rows (row length 12) and 4 rows (row length 4); the linear weight's 5 rows
+    # end in a 3-row block, since a 1-row remainder joins the block before it.
     from ranger_plugins import _fused
 
     monkeypatch.setattr(_fused, "_BLOCK_NUMEL", 24)
@@ -92,8 +92,16 @@ def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatc
     counters.clear()
     fused_params, fused_opt = _train(True)
     (flat_group,) = _fused._caches[fused_opt].groups[0]
-    block_rows = [views[1].shape[0] for centralize, views in flat_group.segment_views]
+    block_rows = [block.views[1].shape[0] for block in flat_group.blocks]
     assert block_rows.count(2) >= 5 and 3 in block_rows and 1 not in block_rows
+    # The conv, linear and 4x4 weights have blocks of their own, so their fresh gradients
+    # (new tensors every step here) are read where they are; the others are copied into the
+    # flat buffer, and their .grad points there.
+    flat_storage = flat_group.flat_grad.untyped_storage().data_ptr()
+    in_flat = [p.grad.untyped_storage().data_ptr() == flat_storage for p in flat_group.params]
+    owned = [p.shape in {(6, 3, 2, 2), (5, 12), (4, 4)} for p in flat_group.params]
+    assert len(flat_group.own_blocks) == 3
+    assert in_flat == [not own for own in owned]
     ref_params, ref_opt = _train(False)
     _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
     assert counters["stats"]["unique_graphs"] == 2
