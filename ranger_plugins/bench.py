@@ -399,17 +399,24 @@ def print_workload(result: dict) -> None:
 
 
 # --------------------------------------------------------------------------- end to end
+E2E_WIDTH = 1024
+
+
 def _e2e_model() -> torch.nn.Module:
-    # Wide, shallow and with a small batch: the optimizer is a visible share of a step.
+    # Wide, shallow and with a small batch: the optimizer is about half of a step.
     layers: list[torch.nn.Module] = []
     for _ in range(6):
-        layers += [torch.nn.Linear(512, 512), torch.nn.LayerNorm(512), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(512, 10))
+        layers += [
+            torch.nn.Linear(E2E_WIDTH, E2E_WIDTH),
+            torch.nn.LayerNorm(E2E_WIDTH),
+            torch.nn.ReLU(),
+        ]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(E2E_WIDTH, 10))
 
 
 def _e2e_data(batches: int, batch_size: int):
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batches * batch_size, 512, generator=generator)
+    x = torch.randn(batches * batch_size, E2E_WIDTH, generator=generator)
     y = torch.randint(0, 10, (batches * batch_size,), generator=generator)
     return torch.utils.data.TensorDataset(x, y)
 
@@ -637,8 +644,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
         )
     if not args.no_end_to_end:
-        print("\n== end to end: one epoch, same model (6 x Linear(512) + LayerNorm) and data")
-        for label, seconds, note in end_to_end(batches=8 if args.quick else 100):
+        print(
+            f"\n== end to end: one epoch, same model (6 x Linear({E2E_WIDTH}) + LayerNorm, "
+            "batch 16) and data"
+        )
+        for label, seconds, note in end_to_end(batches=8 if args.quick else 50):
             print(f"{label:<64} {note}" if seconds is None else f"{label:<64} {seconds:8.2f} s")
     write_chart(results, args.output)
     print(f"\nchart: {args.output}")
