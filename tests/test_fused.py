@@ -107,6 +107,35 @@ def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatc
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_row_blocks_cover_every_row_once_in_blocks_of_two_rows_or_more(monkeypatch):
+    import random
+
+    from ranger_plugins import _fused
+
+    monkeypatch.setattr(_fused, "_BLOCK_NUMEL", 64)
+    rng = random.Random(0)
+    for _ in range(500):
+        row_length = rng.choice([1, 3, 8, 40])
+        members = [
+            (position, rng.choice([1, 1, 2, 3, 7, 30])) for position in range(rng.randint(1, 6))
+        ]
+        rows = sum(r for _, r in members)
+        rows += rows == 1  # the padding row of a single-row segment
+        segment = _fused._Segment(0, rows, row_length, True, members)
+        blocks = _fused._row_blocks(segment, on_cpu=True)
+        assert blocks[0][0] == 0 and blocks[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert all(end - first >= 2 for first, end, _ in blocks)
+        first_row = 0
+        for position, member_rows in members:  # an owned block lies inside its owner
+            for first, end, owner in blocks:
+                if owner == position:
+                    assert first_row <= first and end <= first_row + member_rows
+            first_row += member_rows
+    gpu_segment = _fused._Segment(0, 40, 8, True, [(0, 40)])
+    assert _fused._row_blocks(gpu_segment, on_cpu=False) == [(0, 40, None)]
+
+
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_is_one_loop_without_temporaries(param_dtype):
     """Bandwidth is the whole game: the kernel must read and write each buffer once. With
