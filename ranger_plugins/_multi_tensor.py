@@ -381,7 +381,13 @@ class _Plan:
         self.waves: list[_Wave] = []
         current: list[tuple] = []
         current_numel = 0
-        for piece in pieces:
+        # Chunks of large tensors first (a wave each), then whole tensors from the largest to
+        # the smallest: in parameter order a convnet's norm weights and biases would sit in
+        # waves of conv chunks, and those waves could neither use the one-chunk fast path nor
+        # be gathered into flat moments.
+        chunks = [piece for piece in pieces if piece[2] is not None]
+        whole = sorted((piece for piece in pieces if piece[2] is None), key=lambda piece: -piece[0])
+        for piece in chunks + whole:
             if current and current_numel + piece[0] > wave_numel:
                 self.waves.append(_Wave(current))
                 current, current_numel = [], 0
