@@ -2,10 +2,10 @@
 
 Every row steps its own copy of the same parameters with the same gradients, in one process,
 and the rows are timed in interleaved rounds. On a shared machine other tenants' memory traffic
-moves every time by tens of percent within a minute, so ratios are paired: in each round the
-floor is measured just before each row, each row's time is divided by that floor and by the
-fastest peer's time in the same round, and the table gives the median of these per-round
-ratios (and the median time per step). A PNG bar chart is written beside it.
+moves every time by tens of percent, in bursts shorter than a round, so every figure is a
+median over the rounds, and the floor is measured just before each row in each round: a row's
+multiple of the floor is the median of its times over the median of the floors measured next
+to it, so both cover the same stretch of the run. A PNG bar chart is written beside it.
 
 The floor is measured in the same run: a Ranger step must read p, grad, m and v and write p, m
 and v, 28 bytes per fp32 parameter, and the floor is that traffic at the best bandwidth that
@@ -330,7 +330,7 @@ def run_workload(
 
     timed = [r for r in rows if r.times]
     peers = [r for r in timed if r.kind == "peer"]
-    fastest_peer = [min(r.times[i] for r in peers) for i in range(rounds)] if peers else None
+    fastest_peer = min(statistics.median(r.times) for r in peers) if peers else None
     result = {
         "name": name,
         "tensors": len(shapes),
@@ -343,19 +343,17 @@ def run_workload(
                 "kind": r.kind,
                 "does_gc": r.does_gc,
                 "ms": statistics.median(r.times),
-                "x_floor": statistics.median(t / f for t, f in zip(r.times, r.floors)),
+                "x_floor": statistics.median(r.times) / statistics.median(r.floors),
                 "vs_fastest_peer": (
-                    statistics.median(t / p for t, p in zip(r.times, fastest_peer))
-                    if fastest_peer
-                    else float("nan")
+                    statistics.median(r.times) / fastest_peer if fastest_peer else float("nan")
                 ),
                 "setup": max(0.0, r.setup - warmup * statistics.median(r.times) / 1e3),
             }
             for r in timed
         ],
-        # Paired speedups of our GC rows over each peer that also does GC.
+        # Speedups of our GC rows over each peer that also does GC.
         "gc_speedups": [
-            (ours.name, peer.name, statistics.median(p / t for p, t in zip(peer.times, ours.times)))
+            (ours.name, peer.name, statistics.median(peer.times) / statistics.median(ours.times))
             for ours in timed
             if ours.kind == "ours" and ours.does_gc
             for peer in peers
@@ -374,8 +372,8 @@ def run_workload(
 def print_workload(result: dict) -> None:
     print(
         f"floor {result['floor_ms']:.2f} ms, median ({FLOOR_BYTES_PER_PARAM} B/param; best "
-        f"in-place streaming bandwidth {result['bandwidth']:.1f} GB/s); ratios are medians of "
-        "per-round ratios"
+        f"in-place streaming bandwidth {result['bandwidth']:.1f} GB/s); times and ratios are "
+        "medians over the rounds"
     )
     print(
         f"{'row':<52} {'GC':>3} {'ms/step':>9} {'x floor':>8} {'/fastest peer':>14} {'setup s':>8}"
@@ -386,7 +384,7 @@ def print_workload(result: dict) -> None:
             f"{row['x_floor']:8.2f} {row['vs_fastest_peer']:14.2f} {row['setup']:8.2f}"
         )
     for ours, peer, speedup in result["gc_speedups"]:
-        print(f"{ours} is {speedup:.2f}x as fast as {peer} (median of per-round ratios)")
+        print(f"{ours} is {speedup:.2f}x as fast as {peer}")
     for name, note in result["skipped"]:
         print(f"{name:<52} {note}")
     for name, (state_bytes, peak) in result["memory"].items():
