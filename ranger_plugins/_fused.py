@@ -32,6 +32,7 @@ slow weights.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections import defaultdict
@@ -113,10 +114,32 @@ def _kernel():
     return _compiled_kernel
 
 
+_traced_syncs: set[bool] = set()  # kernel variants (by ``sync``) called at least once
+
+
+def _without_duck_shapes():
+    """Compile with a distinct symbol per size. By default equal sizes in the first call (a
+    square 1024 x 1024 block, say) share one symbol and the graph guards on that equality, so
+    the first non-square block recompiles it. Only the first call of each variant needs this:
+    a graph traced without such guards fits every later block."""
+    try:
+        from torch.fx.experimental import _config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # another torch: recompiles at worst
+        return contextlib.nullcontext()
+
+
 def _run_kernel(*args: Any) -> None:
     global _use_eager_kernel
+    sync = args[-1]
     try:
-        _kernel()(*args)
+        if sync in _traced_syncs:
+            _kernel()(*args)
+        else:
+            with _without_duck_shapes():
+                _kernel()(*args)
+            _traced_syncs.add(sync)
     except Exception as error:  # no compiler toolchain, or an inductor bug: stay correct
         if _use_eager_kernel:
             raise

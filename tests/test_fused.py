@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from ranger_plugins import Ranger
+from ranger_plugins import Ranger, _fused
 
 SHAPES = [
     (6, 3, 2, 2),  # conv weight: row length 12
@@ -73,6 +73,7 @@ def _assert_same(params_a, opt_a, params_b, opt_b, rtol, atol):
 )
 def test_fused_matches_default_path_in_float64_without_recompiling(kwargs):
     torch._dynamo.reset()
+    _fused._traced_syncs.clear()
     counters.clear()
     fused_params, fused_opt = _train(True, **dict(kwargs))
     ref_params, ref_opt = _train(False, **dict(kwargs))
@@ -82,13 +83,31 @@ def test_fused_matches_default_path_in_float64_without_recompiling(kwargs):
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_square_first_block_does_not_make_later_blocks_recompile():
+    # The first kernel call steps the 12 x 12 weight alone (the longest rows come first), then
+    # a 5 x 7 block and the 2-row block of the bias: one graph per Lookahead variant.
+    torch._dynamo.reset()
+    _fused._traced_syncs.clear()  # the reset dropped the graphs traced without duck shapes
+    counters.clear()
+    generator = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(shape, generator=generator))
+        for shape in [(12, 12), (5, 7), (5,)]
+    ]
+    optimizer = Ranger(params, fused=True)
+    for _ in range(7):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator)
+        optimizer.step()
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatch):
     # Blocks of 2 rows (row length 12) and 4 rows (row length 4); the linear weight's 5 rows
     # end in a 3-row block, since a 1-row remainder joins the block before it.
-    from ranger_plugins import _fused
-
     monkeypatch.setattr(_fused, "_BLOCK_NUMEL", 24)
     torch._dynamo.reset()
+    _fused._traced_syncs.clear()
     counters.clear()
     fused_params, fused_opt = _train(True)
     (flat_group,) = _fused._caches[fused_opt].groups[0]
@@ -109,8 +128,6 @@ def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatc
 
 def test_row_blocks_cover_every_row_once_in_blocks_of_two_rows_or_more(monkeypatch):
     import random
-
-    from ranger_plugins import _fused
 
     monkeypatch.setattr(_fused, "_BLOCK_NUMEL", 64)
     rng = random.Random(0)
@@ -144,8 +161,6 @@ def test_compiled_kernel_is_one_loop_without_temporaries(param_dtype):
     import re
 
     from torch._inductor.utils import run_and_get_code
-
-    from ranger_plugins import _fused
 
     torch._dynamo.reset()
     rows, row_length = 256, 256  # big enough for a parallel loop
