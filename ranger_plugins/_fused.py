@@ -114,7 +114,9 @@ def _kernel():
     return _compiled_kernel
 
 
-_traced_syncs: set[bool] = set()  # kernel variants (by ``sync``) called at least once
+# Kernel variants called at least once: (device type, param dtype, grad dtype, sync). Each
+# is a graph of its own (the compiler guards on devices and dtypes).
+_traced_variants: set[tuple] = set()
 
 
 def _without_duck_shapes():
@@ -132,14 +134,15 @@ def _without_duck_shapes():
 
 def _run_kernel(*args: Any) -> None:
     global _use_eager_kernel
-    sync = args[-1]
+    param, grad = args[0], args[1]
+    variant = (param.device.type, param.dtype, grad.dtype, args[-1])
     try:
-        if sync in _traced_syncs:
+        if variant in _traced_variants:
             _kernel()(*args)
         else:
             with _without_duck_shapes():
                 _kernel()(*args)
-            _traced_syncs.add(sync)
+            _traced_variants.add(variant)
     except Exception as error:  # no compiler toolchain, or an inductor bug: stay correct
         if _use_eager_kernel:
             raise

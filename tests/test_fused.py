@@ -73,7 +73,7 @@ def _assert_same(params_a, opt_a, params_b, opt_b, rtol, atol):
 )
 def test_fused_matches_default_path_in_float64_without_recompiling(kwargs):
     torch._dynamo.reset()
-    _fused._traced_syncs.clear()
+    _fused._traced_variants.clear()
     counters.clear()
     fused_params, fused_opt = _train(True, **dict(kwargs))
     ref_params, ref_opt = _train(False, **dict(kwargs))
@@ -87,7 +87,7 @@ def test_square_first_block_does_not_make_later_blocks_recompile():
     # The first kernel call steps the 12 x 12 weight alone (the longest rows come first), then
     # a 5 x 7 block and the 2-row block of the bias: one graph per Lookahead variant.
     torch._dynamo.reset()
-    _fused._traced_syncs.clear()  # the reset dropped the graphs traced without duck shapes
+    _fused._traced_variants.clear()  # the reset dropped the graphs traced without duck shapes
     counters.clear()
     generator = torch.Generator().manual_seed(0)
     params = [
@@ -107,7 +107,7 @@ def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatc
     # end in a 3-row block, since a 1-row remainder joins the block before it.
     monkeypatch.setattr(_fused, "_BLOCK_NUMEL", 24)
     torch._dynamo.reset()
-    _fused._traced_syncs.clear()
+    _fused._traced_variants.clear()
     counters.clear()
     fused_params, fused_opt = _train(True)
     (flat_group,) = _fused._caches[fused_opt].groups[0]
