@@ -93,7 +93,7 @@ def _ranger_kernel(
 # On Lookahead sync steps the new weights go to two places (param and slow weights). Inductor
 # stores a value with several users to a temporary once it reads more than
 # `realize_reads_threshold` (4) inputs, and copies it out in a second loop: a full-size
-# allocation and an extra pass that made sync steps 3-4x slower than the others. Recomputing
+# allocation and an extra pass that made sync steps 2-4x slower than the others. Recomputing
 # instead costs nothing here, since both stores sit in the same loop body (its CSE keeps one
 # copy of the arithmetic).
 _INDUCTOR_OPTIONS = {"realize_reads_threshold": 64}
@@ -192,7 +192,6 @@ class _FlatGroup:
     flat_exp_avg: torch.Tensor
     flat_exp_avg_sq: torch.Tensor
     flat_slow: torch.Tensor
-    segments: list[_Segment]
     layout_key: tuple
     states: list[dict] = field(default_factory=list)
     zero_mean: torch.Tensor | None = None  # (2, 1) zeros: the segment that is not centralized
@@ -315,7 +314,6 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
         flat_exp_avg,
         flat_exp_avg_sq,
         flat_slow,
-        segments,
         _layout_key(group),
         states,
     )
