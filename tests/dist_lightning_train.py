@@ -4,7 +4,7 @@ Run by tests/test_distributed.py in a subprocess (Lightning's "ddp" and ModelPar
 launch the other rank by re-running this script), and imported by it for the single-process
 reference run::
 
-    python tests/dist_lightning_train.py {ddp,fsdp2} OUT_DIR [--no-gc]
+    python tests/dist_lightning_train.py {ddp,fsdp2} OUT_DIR [--no-gc] [--fused]
 
 Each rank writes OUT_DIR/rank{r}.pt with the full (gathered) fast and slow weights, the
 Lookahead step counts, and the validation checks.
@@ -23,6 +23,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ranger_plugins import _fused
 from ranger_plugins.lightning import LookaheadCallback, ranger_optimizers
 
 TRAIN = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
@@ -34,8 +35,11 @@ EPOCHS = 2  # 8 steps per epoch, k = 5: syncs at 5, 10, 15 and the final one
 class DistModel(BoringModel):
     """Two linear layers (GC applies to both weights) and a LayerNorm; fixed data."""
 
-    def __init__(self, per_rank_batch: int, use_gc: bool = True, fsdp2: bool = False) -> None:
+    def __init__(
+        self, per_rank_batch: int, use_gc: bool = True, fsdp2: bool = False, fused: bool = False
+    ) -> None:
         super().__init__()
+        self.fused = fused
         torch.manual_seed(0)
         self.layer = nn.Sequential(nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
         self.per_rank_batch = per_rank_batch
@@ -55,7 +59,13 @@ class DistModel(BoringModel):
 
     def configure_optimizers(self):
         return ranger_optimizers(
-            self, lr=1e-2, k=5, use_gc=self.use_gc, eps=1e-5, schedule="one_cycle"
+            self,
+            lr=1e-2,
+            k=5,
+            use_gc=self.use_gc,
+            eps=1e-5,
+            schedule="one_cycle",
+            fused=self.fused,
         )
 
     def validation_step(self, batch, batch_idx):
@@ -88,10 +98,12 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def train(strategy: str, devices: int, per_rank_batch: int, use_gc: bool = True) -> dict:
+def train(
+    strategy: str, devices: int, per_rank_batch: int, use_gc: bool = True, fused: bool = False
+) -> dict:
     """Fit and return the full fast/slow weights and what validation saw."""
     fsdp2 = strategy == "fsdp2"
-    model = DistModel(per_rank_batch, use_gc=use_gc, fsdp2=fsdp2)
+    model = DistModel(per_rank_batch, use_gc=use_gc, fsdp2=fsdp2, fused=fused)
     if fsdp2:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -123,14 +135,29 @@ def train(strategy: str, devices: int, per_rank_batch: int, use_gc: bool = True)
         "steps": sorted({optimizer.state[p]["step"] for p in params.values()}),
         "global_step": trainer.global_step,
         "validated_on_slow_weights": model.validated_on_slow_weights,
+        # Fused runs: params whose gradients the fused step read where DDP left them.
+        "fused_own_blocks": sum(
+            len(flat_group.own_blocks)
+            for flat_groups in _fused._caches[optimizer].groups.values()
+            for flat_group in flat_groups
+        )
+        if fused
+        else 0,
     }
 
 
 def main() -> None:
     strategy, out_dir = sys.argv[1], sys.argv[2]
     use_gc = "--no-gc" not in sys.argv
+    fused = "--fused" in sys.argv
+    if fused:
+        # Blocks of 64 elements, so the tiny weights get kernel calls of their own and their
+        # gradients are read where DDP left them, as a large model's would be.
+        _fused._BLOCK_NUMEL = 64
     torch.set_num_threads(1)
-    result = train(strategy, devices=2, per_rank_batch=GLOBAL_BATCH // 2, use_gc=use_gc)
+    result = train(
+        strategy, devices=2, per_rank_batch=GLOBAL_BATCH // 2, use_gc=use_gc, fused=fused
+    )
     torch.save(result, os.path.join(out_dir, f"rank{result['rank']}.pt"))
     # A clean gloo exit: without this, process teardown can abort with
     # "terminate called without an active exception".

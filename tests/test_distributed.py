@@ -96,6 +96,15 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path, reference):
     _check_against_reference(_load_ranks(tmp_path), reference, "None")
 
 
+def test_ddp_with_the_fused_step_matches_the_default_single_process_run(tmp_path, reference):
+    # The fused step reads the DDP-reduced gradients of the weights where they are and copies
+    # the others into its flat buffer; it equals the default path up to fp32 rounding.
+    _run_children("dist_lightning_train.py", "ddp", str(tmp_path), "--fused")
+    ranks = _load_ranks(tmp_path)
+    _check_against_reference(ranks, reference, "None")
+    assert all(rank["fused_own_blocks"] == 2 for rank in ranks)  # both Linear weights
+
+
 def test_fsdp2_model_parallel_strategy_matches_unsharded_run(tmp_path, reference):
     # ModelParallelStrategy + fully_shard: Ranger steps DTensor params sharded Shard(0).
     _run_children("dist_lightning_train.py", "fsdp2", str(tmp_path))
