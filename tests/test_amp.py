@@ -25,6 +25,7 @@ def make_model():
 OPTIMIZERS = {
     "ranger_foreach": lambda ps: Ranger(ps, lr=0.01, k=K, weight_decay=0.01, foreach=True),
     "ranger_single": lambda ps: Ranger(ps, lr=0.01, k=K, weight_decay=0.01, foreach=False),
+    "ranger_fused": lambda ps: Ranger(ps, lr=0.01, k=K, weight_decay=0.01, fused=True),
     "lookahead_adamw_fused": lambda ps: Lookahead(torch.optim.AdamW(ps, lr=0.01, fused=True), k=K),
     "lookahead_adamw_foreach": lambda ps: Lookahead(
         torch.optim.AdamW(ps, lr=0.01, foreach=True), k=K
