@@ -5,6 +5,11 @@ launch the other rank by re-running this script), and imported by it for the sin
 reference run::
 
     python tests/dist_lightning_train.py {ddp,fsdp2} OUT_DIR [--no-gc] [--fused]
+        [--stop-and-save CKPT_DIR | --resume CKPT]
+
+``--stop-and-save`` checkpoints at the end of epoch 0 (``step=8.ckpt``, between two Lookahead
+syncs) and crashes at step 10; ``--resume`` starts from another initialisation and
+resumes from that checkpoint.
 
 Each rank writes OUT_DIR/rank{r}.pt with the full (gathered) fast and slow weights, the
 Lookahead step counts, and the validation checks.
@@ -93,17 +98,55 @@ class DistModel(BoringModel):
         return self._loader(VALID)
 
 
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class CrashAt(lp.Callback):
+    """Crash at the start of the given optimizer step (stopping with max_steps instead would
+    change the schedule, whose length comes from the trainer's step estimate)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"crash at step {self.step}")
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (gathers a DTensor)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def train(
-    strategy: str, devices: int, per_rank_batch: int, use_gc: bool = True, fused: bool = False
+    strategy: str,
+    devices: int,
+    per_rank_batch: int,
+    use_gc: bool = True,
+    fused: bool = False,
+    stop_at_step: int | None = None,
+    checkpoint: str | None = None,
+    resume: bool = False,
 ) -> dict:
     """Fit and return the full fast/slow weights and what validation saw."""
     fsdp2 = strategy == "fsdp2"
+    if resume:
+        torch.manual_seed(1)  # a different init: everything must come from the checkpoint
     model = DistModel(per_rank_batch, use_gc=use_gc, fsdp2=fsdp2, fused=fused)
+    extra_callbacks = []
+    if stop_at_step:
+        # Saved during training, at the end of each epoch, as a crashed run would have it; a
+        # checkpoint written after fit would hold the end-of-fit synced weights.
+        extra_callbacks.append(CrashAt(stop_at_step))
+        extra_callbacks.append(
+            lp.callbacks.ModelCheckpoint(
+                dirpath=checkpoint,  # a directory: step=8.ckpt, step=10.ckpt
+                filename="{step}",
+                save_top_k=-1,
+                save_on_train_epoch_end=True,  # not after each validation (steps 3 and 6)
+            )
+        )
     if fsdp2:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -115,15 +158,18 @@ def train(
         max_epochs=EPOCHS,
         max_steps=int(os.environ.get("DIST_TEST_MAX_STEPS", -1)),
         val_check_interval=3,
-        callbacks=[LookaheadCallback()],
+        callbacks=[LookaheadCallback(), *extra_callbacks],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(extra_callbacks),
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )
-    trainer.fit(model)
+    try:
+        trainer.fit(model, ckpt_path=checkpoint if resume else None)
+    except SimulatedCrash:
+        pass  # every rank crashes at the same step; what it saved before is what counts
     optimizer = trainer.optimizers[0]
     params = dict(model.named_parameters())
     return {
@@ -154,9 +200,21 @@ def main() -> None:
         # Blocks of 64 elements, so the tiny weights get kernel calls of their own and their
         # gradients are read where DDP left them, as a large model's would be.
         _fused._BLOCK_NUMEL = 64
+    checkpoint, stop_at_step, resume = None, None, False
+    if "--stop-and-save" in sys.argv:
+        checkpoint, stop_at_step = sys.argv[sys.argv.index("--stop-and-save") + 1], 10
+    elif "--resume" in sys.argv:
+        checkpoint, resume = sys.argv[sys.argv.index("--resume") + 1], True
     torch.set_num_threads(1)
     result = train(
-        strategy, devices=2, per_rank_batch=GLOBAL_BATCH // 2, use_gc=use_gc, fused=fused
+        strategy,
+        devices=2,
+        per_rank_batch=GLOBAL_BATCH // 2,
+        use_gc=use_gc,
+        fused=fused,
+        stop_at_step=stop_at_step,
+        checkpoint=checkpoint,
+        resume=resume,
     )
     torch.save(result, os.path.join(out_dir, f"rank{result['rank']}.pt"))
     # A clean gloo exit: without this, process teardown can abort with

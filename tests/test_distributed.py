@@ -105,6 +105,30 @@ def test_ddp_with_the_fused_step_matches_the_default_single_process_run(tmp_path
     assert all(rank["fused_own_blocks"] == 2 for rank in ranks)  # both Linear weights
 
 
+def test_ddp_resumed_from_a_checkpoint_between_syncs_matches_single_process(tmp_path, reference):
+    # A checkpoint at step 8 (syncs at 5, 10, 15, so fast and slow weights differ), the run
+    # stopped at step 10, resumed from the checkpoint in new processes from another init: the
+    # end state equals the uninterrupted single-process run as closely as uninterrupted DDP.
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    first.mkdir()
+    resumed.mkdir()
+    _run_children("dist_lightning_train.py", "ddp", str(first), "--stop-and-save", str(tmp_path))
+    checkpoint = tmp_path / "step=8.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == 8
+    assert [rank["steps"] for rank in _load_ranks(first)] == [[10], [10]]
+    _run_children("dist_lightning_train.py", "ddp", str(resumed), "--resume", str(checkpoint))
+    ranks = _load_ranks(resumed)
+    with_gc, _ = reference
+    for name in with_gc["fast"]:
+        for kind in ("fast", "slow"):
+            assert torch.equal(ranks[0][kind][name], ranks[1][kind][name]), name
+            torch.testing.assert_close(ranks[0][kind][name], with_gc[kind][name], rtol=0, atol=1e-6)
+    for rank in ranks:
+        assert rank["steps"] == [16] and rank["global_step"] == 16
+        assert rank["validated_on_slow_weights"] and all(rank["validated_on_slow_weights"])
+
+
 def test_fsdp2_model_parallel_strategy_matches_unsharded_run(tmp_path, reference):
     # ModelParallelStrategy + fully_shard: Ranger steps DTensor params sharded Shard(0).
     _run_children("dist_lightning_train.py", "fsdp2", str(tmp_path))
