@@ -25,6 +25,7 @@ import lightning.pytorch as lp
 import torch
 import torch.distributed as dist
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning_helpers import CrashAt, SimulatedCrash
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -96,22 +97,6 @@ class DistModel(BoringModel):
 
     def val_dataloader(self):
         return self._loader(VALID)
-
-
-class SimulatedCrash(RuntimeError):
-    pass
-
-
-class CrashAt(lp.Callback):
-    """Crash at the start of the given optimizer step (stopping with max_steps instead would
-    change the schedule, whose length comes from the trainer's step estimate)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise SimulatedCrash(f"crash at step {self.step}")
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

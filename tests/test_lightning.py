@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning_helpers import CrashAt, SimulatedCrash
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -412,21 +413,6 @@ def test_callback_drives_the_generic_lookahead_wrapper():
     assert all(model.validated_on_slow_weights)
     optimizer = trainer.optimizers[0]
     assert all(torch.equal(p, optimizer.state[p]["slow_param"]) for p in model.parameters())
-
-
-class SimulatedCrash(RuntimeError):
-    pass
-
-
-class CrashAt(Callback):
-    """Simulate a crash at the start of the given optimizer step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise SimulatedCrash(f"crash at step {self.step}")
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
