@@ -7,9 +7,9 @@ Why this shape (facts measured on torch 2.14):
   with the tensor count (minutes for 800 tensors). Here the parameters, gradients and state of a
   param group live in flat buffers, one per device and dtype, and the kernel sees a few large
   2-D views: one per distinct row length of the centralized gradients (a ResNet-50 has about a
-  dozen), plus one for everything else. The kernel is compiled with dynamic shapes and the
-  hyperparameters as symbolic floats, so it compiles twice per dtype (with and without the
-  Lookahead sync) whatever the model, and a schedule that changes lr every step never
+  dozen), plus one for everything else. The kernel is compiled with dynamic shapes and takes
+  the hyperparameters as a tensor of values, so it compiles twice per dtype (with and without
+  the Lookahead sync) whatever the model, and a schedule that changes lr every step never
   recompiles.
 * Computing GC's row mean inside the compiled kernel crashes inductor's CPU outer-loop fusion
   (``KeyError: 'bufNN'``: its local-buffer check looks up a read of the new param value in
@@ -60,21 +60,28 @@ def _ranger_kernel(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     slow: torch.Tensor,
-    decay: float,
-    beta1_weight: float,
-    beta2: float,
-    beta2_weight: float,
-    eps: float,
-    adaptive: float,
-    neg_step_size: float,
-    lookahead_alpha: float,
+    hyperparameters: torch.Tensor,
     sync: bool,
 ) -> None:
     """One Ranger step on 2-D (rows, row length) views; ``grad_mean`` is (rows, 1).
 
-    The operations are the default path's, in its order (see `_single_tensor_ranger`):
-    adaptive is 1.0 or 0.0, and with 0.0 the denominator is exactly 1 (momentum SGD).
+    ``hyperparameters`` holds the eight values unpacked below, in the state dtype on the
+    params' device: one tensor made once per step rather than eight numbers per call, since
+    the compiled function wraps every number into a new tensor on every call (a few us each,
+    and a step makes one call per block). adaptive is 1.0 or 0.0, and with 0.0 the
+    denominator is exactly 1 (momentum SGD). The operations are the default path's, in its
+    order (see `_single_tensor_ranger`).
     """
+    (
+        decay,
+        beta1_weight,
+        beta2,
+        beta2_weight,
+        eps,
+        adaptive,
+        neg_step_size,
+        lookahead_alpha,
+    ) = hyperparameters.unbind()  # decay = 1 - lr * wd, neg_step_size = -lr * multiplier
     work = exp_avg.dtype
     g = grad.to(work) - grad_mean
     fast = param.to(work) * decay
@@ -95,8 +102,10 @@ def _ranger_kernel(
 # `realize_reads_threshold` (4) inputs, and copies it out in a second loop: a full-size
 # allocation and an extra pass that made sync steps 2-4x slower than the others. Recomputing
 # instead costs nothing here, since both stores sit in the same loop body (its CSE keeps one
-# copy of the arithmetic).
-_INDUCTOR_OPTIONS = {"realize_reads_threshold": 64}
+# copy of the arithmetic). For the same reason a value is not stored once its expression has
+# accumulated more than `realize_acc_reads_threshold` (12 on CPU) reads: each hyperparameter
+# loaded from its tensor counts as one.
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 64, "realize_acc_reads_threshold": 64}
 
 _compiled_kernel: Any = None
 _use_eager_kernel = False
@@ -491,18 +500,21 @@ def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
     beta1, beta2 = group["betas"]
     multiplier, adaptive = rectification(step, beta1, beta2, group["rectify_threshold"])
     sync = step % group["lookahead_k"] == 0
-    scalars = (
-        1.0 - lr * group["weight_decay"],
-        1.0 - beta1,
-        beta2,
-        1.0 - beta2,
-        group["eps"],
-        1.0 if adaptive else 0.0,
-        -lr * multiplier,
-        group["lookahead_alpha"],
-        sync,
-    )
     work = flat_group.flat_exp_avg.dtype
+    hyperparameters = torch.tensor(
+        (
+            1.0 - lr * group["weight_decay"],
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            group["eps"],
+            1.0 if adaptive else 0.0,
+            -lr * multiplier,
+            group["lookahead_alpha"],
+        ),
+        dtype=work,
+        device=flat_group.flat_param.device,
+    )
     for block in flat_group.blocks:
         param, grad, exp_avg, exp_avg_sq, slow = block.views
         if block.owner in fresh:
@@ -511,7 +523,7 @@ def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
         mean = (
             grad.mean(dim=1, keepdim=True, dtype=work) if block.centralize else flat_group.zero_mean
         )
-        _run_kernel(param, grad, mean, exp_avg, exp_avg_sq, slow, *scalars)
+        _run_kernel(param, grad, mean, exp_avg, exp_avg_sq, slow, hyperparameters, sync)
 
 
 def _flat_alias(tensor: torch.Tensor) -> torch.Tensor:
