@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -230,6 +231,41 @@ def _is_fitting(trainer: Any) -> bool:
     return trainer.state.fn == "fit"
 
 
+def _holds_dtensors(tensors: Mapping[str, Any]) -> bool:
+    """True for FSDP2's sharded parameters or state dicts."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(value, DTensor) for value in tensors.values())
+
+
+def _saved_fast_state(trainer: Any, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The fast weights `LookaheadCallback.on_save_checkpoint` saved, wherever they are."""
+    if FAST_STATE_KEY in checkpoint:
+        return checkpoint[FAST_STATE_KEY]
+    optimizer_states = checkpoint.get("optimizer_states") or [{}]
+    if FAST_STATE_KEY in optimizer_states[0]:  # a distributed checkpoint, consolidated
+        return optimizer_states[0][FAST_STATE_KEY]
+    path = trainer.ckpt_path
+    model = trainer.strategy.model
+    if path is None or not os.path.isdir(path) or not _holds_dtensors(model.state_dict()):
+        return None
+    # A distributed checkpoint directory: read the shards of this rank into the layout of
+    # the model's own (sharded) state dict.
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    prefix = f"optimizer_0.{FAST_STATE_KEY}."
+    saved_keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    if not any(key.startswith(prefix) for key in saved_keys):
+        return None
+    fast_state = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))
+    fast_state = _detached_copy(fast_state)  # buffers to read into, not the parameters
+    dcp.load({"optimizer_0": {FAST_STATE_KEY: fast_state}}, checkpoint_id=path)
+    return fast_state
+
+
 class LookaheadCallback(*_callback_bases()):
     """Evaluate and checkpoint the Lookahead slow weights of `Ranger` / `Lookahead`.
 
@@ -349,14 +385,25 @@ class LookaheadCallback(*_callback_bases()):
         if in_validation:
             self._swap_in_slow_weights(trainer)
         checkpoint["state_dict"] = slow_state
-        checkpoint[FAST_STATE_KEY] = fast_state
+        if _holds_dtensors(fast_state):
+            # A distributed checkpoint (FSDP2 under ModelParallelStrategy): the strategy writes
+            # "state_dict" and "optimizer_states" shard by shard, but the rest of the dict to
+            # one file from rank 0, which would keep only rank 0's shards. So the fast weights
+            # go in the first optimizer's entry; the strategy loads only the keys an optimizer
+            # has, and `on_load_checkpoint` reads them back. A checkpoint without optimizer
+            # states cannot resume training and needs no fast weights.
+            optimizer_states = checkpoint.get("optimizer_states")
+            if optimizer_states:
+                optimizer_states[0][FAST_STATE_KEY] = fast_state
+        else:
+            checkpoint[FAST_STATE_KEY] = fast_state
 
     @override
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """When ``fit`` resumes, load the fast weights (``state_dict`` has the slow ones)."""
         if not _is_fitting(trainer):
             return  # validate/test/predict use the slow weights already loaded
-        fast_state = checkpoint.get(FAST_STATE_KEY)
+        fast_state = _saved_fast_state(trainer, checkpoint)
         if fast_state is None:
             if trainer.is_global_zero:
                 warnings.warn(
@@ -366,4 +413,17 @@ class LookaheadCallback(*_callback_bases()):
                     stacklevel=2,
                 )
             return
-        trainer.strategy.load_model_state_dict({"state_dict": fast_state})
+        strategy = trainer.strategy
+        if _holds_dtensors(dict(strategy.model.named_parameters())):
+            # FSDP2: ModelParallelStrategy loads the model in `load_checkpoint`, and its
+            # `load_model_state_dict` does nothing.
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            full = not _holds_dtensors(fast_state)  # from a single-file checkpoint
+            options = StateDictOptions(full_state_dict=full, strict=True)
+            set_model_state_dict(strategy.model, fast_state, options=options)
+        else:
+            strategy.load_model_state_dict({"state_dict": fast_state})

@@ -5,11 +5,12 @@ launch the other rank by re-running this script), and imported by it for the sin
 reference run::
 
     python tests/dist_lightning_train.py {ddp,fsdp2} OUT_DIR [--no-gc] [--fused]
-        [--stop-and-save CKPT_DIR | --resume CKPT]
+        [--stop-and-save CKPT_DIR | --resume CKPT] [--full-checkpoint]
 
 ``--stop-and-save`` checkpoints at the end of epoch 0 (``step=8.ckpt``, between two Lookahead
 syncs) and crashes at step 10; ``--resume`` starts from another initialisation and
-resumes from that checkpoint.
+resumes from that checkpoint. Under fsdp2 a checkpoint is a directory of shards (Lightning's
+default), or one file with ``--full-checkpoint`` (``save_distributed_checkpoint=False``).
 
 Each rank writes OUT_DIR/rank{r}.pt with the full (gathered) fast and slow weights, the
 Lookahead step counts, and the validation checks.
@@ -113,6 +114,7 @@ def train(
     stop_at_step: int | None = None,
     checkpoint: str | None = None,
     resume: bool = False,
+    full_checkpoint: bool = False,
 ) -> dict:
     """Fit and return the full fast/slow weights and what validation saw."""
     fsdp2 = strategy == "fsdp2"
@@ -135,7 +137,11 @@ def train(
     if fsdp2:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+        strategy = ModelParallelStrategy(
+            data_parallel_size=devices,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=not full_checkpoint,
+        )
     trainer = lp.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -200,6 +206,7 @@ def main() -> None:
         stop_at_step=stop_at_step,
         checkpoint=checkpoint,
         resume=resume,
+        full_checkpoint="--full-checkpoint" in sys.argv,
     )
     torch.save(result, os.path.join(out_dir, f"rank{result['rank']}.pt"))
     # A clean gloo exit: without this, process teardown can abort with

@@ -105,20 +105,24 @@ def test_ddp_with_the_fused_step_matches_the_default_single_process_run(tmp_path
     assert all(rank["fused_own_blocks"] == 2 for rank in ranks)  # both Linear weights
 
 
-def test_ddp_resumed_from_a_checkpoint_between_syncs_matches_single_process(tmp_path, reference):
-    # A checkpoint at step 8 (syncs at 5, 10, 15, so fast and slow weights differ), the run
-    # stopped at step 10, resumed from the checkpoint in new processes from another init: the
-    # end state equals the uninterrupted single-process run as closely as uninterrupted DDP.
+def _crash_and_resume(tmp_path: Path, strategy: str, *options: str) -> list[dict]:
+    """A checkpoint at step 8 (syncs at 5, 10, 15, so fast and slow weights differ), the run
+    stopped at step 10, resumed from the checkpoint in new processes from another init."""
     first, resumed = tmp_path / "first", tmp_path / "resumed"
     first.mkdir()
     resumed.mkdir()
-    _run_children("dist_lightning_train.py", "ddp", str(first), "--stop-and-save", str(tmp_path))
-    checkpoint = tmp_path / "step=8.ckpt"
-    saved = torch.load(checkpoint, weights_only=True)
-    assert saved["global_step"] == 8
+    script = "dist_lightning_train.py"
+    _run_children(script, strategy, str(first), "--stop-and-save", str(tmp_path), *options)
     assert [rank["steps"] for rank in _load_ranks(first)] == [[10], [10]]
-    _run_children("dist_lightning_train.py", "ddp", str(resumed), "--resume", str(checkpoint))
-    ranks = _load_ranks(resumed)
+    checkpoint = tmp_path / "step=8.ckpt"
+    _run_children(script, strategy, str(resumed), "--resume", str(checkpoint), *options)
+    return _load_ranks(resumed)
+
+
+def _check_resumed_run(ranks: list[dict], reference) -> None:
+    # The end state equals the uninterrupted single-process run as closely as an
+    # uninterrupted multi-process run does; a resume that lost the fast weights (training on
+    # from the slow ones) misses by ~4e-4.
     with_gc, _ = reference
     for name in with_gc["fast"]:
         for kind in ("fast", "slow"):
@@ -129,10 +133,30 @@ def test_ddp_resumed_from_a_checkpoint_between_syncs_matches_single_process(tmp_
         assert rank["validated_on_slow_weights"] and all(rank["validated_on_slow_weights"])
 
 
+def test_ddp_resumed_from_a_checkpoint_between_syncs_matches_single_process(tmp_path, reference):
+    ranks = _crash_and_resume(tmp_path, "ddp")
+    assert torch.load(tmp_path / "step=8.ckpt", weights_only=True)["global_step"] == 8
+    _check_resumed_run(ranks, reference)
+
+
 def test_fsdp2_model_parallel_strategy_matches_unsharded_run(tmp_path, reference):
     # ModelParallelStrategy + fully_shard: Ranger steps DTensor params sharded Shard(0).
     _run_children("dist_lightning_train.py", "fsdp2", str(tmp_path))
     _check_against_reference(_load_ranks(tmp_path), reference, "(Shard(dim=0),)")
+
+
+@pytest.mark.parametrize("checkpoint_kind", ["sharded", "full"])
+def test_fsdp2_resumed_from_a_checkpoint_between_syncs_matches_single_process(
+    tmp_path, reference, checkpoint_kind
+):
+    # Sharded: a directory the strategy writes shard by shard (only its state_dict and
+    # optimizer_states are sharded; the rest is rank 0's file). Full: one file, every rank
+    # loads it, and the strategy's load_model_state_dict does nothing.
+    options = ("--full-checkpoint",) if checkpoint_kind == "full" else ()
+    ranks = _crash_and_resume(tmp_path, "fsdp2", *options)
+    assert (tmp_path / "step=8.ckpt").is_dir() == (checkpoint_kind == "sharded")
+    assert set(ranks[0]["placements"].values()) == {"(Shard(dim=0),)"}
+    _check_resumed_run(ranks, reference)
 
 
 @pytest.fixture(scope="module")
