@@ -154,7 +154,14 @@ def test_fsdp2_resumed_from_a_checkpoint_between_syncs_matches_single_process(
     # loads it, and the strategy's load_model_state_dict does nothing.
     options = ("--full-checkpoint",) if checkpoint_kind == "full" else ()
     ranks = _crash_and_resume(tmp_path, "fsdp2", *options)
-    assert (tmp_path / "step=8.ckpt").is_dir() == (checkpoint_kind == "sharded")
+    checkpoint = tmp_path / "step=8.ckpt"
+    assert checkpoint.is_dir() == (checkpoint_kind == "sharded")
+    # Rank 0's part of a sharded checkpoint holds no shards (they would be rank 0's only).
+    saved = torch.load(
+        checkpoint / "meta.pt" if checkpoint.is_dir() else checkpoint, weights_only=True
+    )
+    assert saved["global_step"] == 8
+    assert ("lookahead_fast_state_dict" in saved) == (checkpoint_kind == "full")
     assert set(ranks[0]["placements"].values()) == {"(Shard(dim=0),)"}
     _check_resumed_run(ranks, reference)
 
