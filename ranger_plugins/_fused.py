@@ -513,8 +513,14 @@ def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
             group["lookahead_alpha"],
         ),
         dtype=work,
-        device=flat_group.flat_param.device,
     )
+    device = flat_group.flat_param.device
+    if device.type == "cuda":
+        # From pageable memory the copy would wait for the GPU (a host sync every step);
+        # from pinned memory it is queued like a kernel.
+        hyperparameters = hyperparameters.pin_memory().to(device, non_blocking=True)
+    else:
+        hyperparameters = hyperparameters.to(device)
     for block in flat_group.blocks:
         param, grad, exp_avg, exp_avg_sq, slow = block.views
         if block.owner in fresh:
