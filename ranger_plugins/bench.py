@@ -24,6 +24,7 @@ import contextlib
 import copy
 import functools
 import gc
+import logging
 import statistics
 import sys
 import time
@@ -442,7 +443,7 @@ def _fastai_epochs(base, dataset):
 
     our_fused_ranger = functools.partial(our_ranger, fused=True)
 
-    out = []
+    rows = []
     for label, opt_func in [
         (
             "fastai Learner epoch, ranger_plugins.fastai.ranger (no GC, fastai's default)",
@@ -462,13 +463,15 @@ def _fastai_epochs(base, dataset):
         )
         with learn.no_bar(), learn.no_logging():
             learn.fit(1, 1e-3)  # warm-up epoch (state creation, first-step costs)
-            seconds = []
-            for _ in range(E2E_EPOCHS):
+        rows.append((label, learn, []))
+    # Epochs interleaved across the rows (fit keeps the optimizer), as the step rows are.
+    for _ in range(E2E_EPOCHS):
+        for _, learn, seconds in rows:
+            with learn.no_bar(), learn.no_logging():
                 start = time.perf_counter()
                 learn.fit(1, 1e-3)
                 seconds.append(time.perf_counter() - start)
-        out.append((label, min(seconds), ""))
-    return out
+    return [(label, min(seconds), "") for label, _, seconds in rows]
 
 
 def _lightning_epochs(base, dataset):
@@ -506,48 +509,69 @@ def _lightning_epochs(base, dataset):
             super().__init__()
             self.net = copy.deepcopy(base)
             self.ours = ours
+            self.optimizers_config = None
 
         def training_step(self, batch, batch_idx):
             x, y = batch
             return torch.nn.functional.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            if self.ours:
-                return ranger_optimizers(
-                    self,
-                    lr=1e-3,
-                    schedule="constant",
-                    weight_decay=0.0,
-                    fused=self.ours == "fused",
-                    use_gc=self.ours != "no_gc",
-                )
-            return _ClosureCallingRanger(self.parameters(), lr=1e-3)
+            # The same optimizer for every fit of this module: one epoch per fit, its state
+            # carried on, like one long fit.
+            if self.optimizers_config is None:
+                if self.ours:
+                    self.optimizers_config = ranger_optimizers(
+                        self,
+                        lr=1e-3,
+                        schedule="constant",
+                        weight_decay=0.0,
+                        fused=self.ours == "fused",
+                        use_gc=self.ours != "no_gc",
+                    )
+                else:
+                    self.optimizers_config = _ClosureCallingRanger(self.parameters(), lr=1e-3)
+            return self.optimizers_config
 
-    out = []
-    for label, ours in [
-        ("Lightning epoch, ranger_plugins.lightning.ranger_optimizers (GC on)", "default"),
-        ("Lightning epoch, ranger_optimizers(use_gc=False) (like the peer)", "no_gc"),
-        ("Lightning epoch, ranger_optimizers(fused=True) (GC on)", "fused"),
-        ("Lightning epoch, torch_optimizer.Ranger (no GC; + closure call)", None),
-    ]:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=16)
-        try:
-            module = Module(ours)
-            trainer_args = dict(
-                accelerator="cpu",
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            )
-            timer = _EpochTimer()
-            # One fit: a warm-up epoch (state creation, first-step costs), then timed epochs.
-            trainer = L.Trainer(max_epochs=1 + E2E_EPOCHS, callbacks=[timer], **trainer_args)
-            trainer.fit(module, loader)
-            out.append((label, min(timer.seconds[1:]), ""))
-        except Exception as error:  # an adapter still being written must not sink the run
-            out.append((label, None, f"failed: {type(error).__name__}: {error}"))
-    return out
+    trainer_args = dict(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    # Not a "GPU available" banner and a "fit stopped" line for each of the 16 fits (the
+    # messages go to the logger of whichever Lightning packaging was imported last).
+    lightning_logs = [
+        logging.getLogger(name) for name in ("lightning.pytorch", "pytorch_lightning")
+    ]
+    log_levels = [log.level for log in lightning_logs]
+    for log in lightning_logs:
+        log.setLevel(logging.WARNING)
+    rows, failed = [], []
+    try:
+        for label, ours in [
+            ("Lightning epoch, ranger_plugins.lightning.ranger_optimizers (GC on)", "default"),
+            ("Lightning epoch, ranger_optimizers(use_gc=False) (like the peer)", "no_gc"),
+            ("Lightning epoch, ranger_optimizers(fused=True) (GC on)", "fused"),
+            ("Lightning epoch, torch_optimizer.Ranger (no GC; + closure call)", None),
+        ]:
+            module, timer = Module(ours), _EpochTimer()
+            try:  # a warm-up epoch (state creation, first-step costs)
+                L.Trainer(callbacks=[timer], **trainer_args).fit(module, loader)
+            except Exception as error:  # an adapter still being written must not sink the run
+                failed.append((label, None, f"failed: {type(error).__name__}: {error}"))
+                continue
+            rows.append((label, module, timer))
+        # Epochs interleaved across the rows, each epoch one fit timed by the callback.
+        for _ in range(E2E_EPOCHS):
+            for _, module, timer in rows:
+                L.Trainer(callbacks=[timer], **trainer_args).fit(module, loader)
+    finally:
+        for log, level in zip(lightning_logs, log_levels):
+            log.setLevel(level)
+    return [(label, min(timer.seconds[1:]), "") for label, _, timer in rows] + failed
 
 
 # --------------------------------------------------------------------------- chart
