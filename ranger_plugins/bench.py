@@ -35,7 +35,7 @@ import torch
 
 from .ranger import Ranger
 
-E2E_EPOCHS = 3  # timed epochs per end-to-end row, after a warm-up epoch
+E2E_EPOCHS = 5  # timed epochs per end-to-end row, after a warm-up epoch
 FLOOR_BYTES_PER_PARAM = 28  # read p, grad, m, v; write p, m, v (fp32)
 WORKLOAD_NAMES = ("resnet50", "bert", "small800")
 
