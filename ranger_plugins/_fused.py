@@ -36,11 +36,13 @@ import contextlib
 import warnings
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import _cpu_kernel
 from ._math import _gc_applies, rectification, step_hyperparameters
 from ._multi_tensor import _multi_tensor_ranger
 from ._state import state_dtype
@@ -49,6 +51,10 @@ _ALIGN = 64  # elements; segment starts stay aligned for vector loads
 # Gradient elements per kernel call on centralized segments: a few MiB, so the block the row
 # means just read is still in cache; large enough that per-call overhead stays small.
 _BLOCK_NUMEL = 1 << 20
+# On CPU a centralized param this large gets kernel calls of its own, so that a fresh gradient
+# of it is read in place: copying it into the flat buffer (8 bytes per element) costs more
+# than the ~10-25 us of another call from about this size on.
+_OWN_NUMEL = 1 << 17
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -210,6 +216,8 @@ class _FlatGroup:
     # read where autograd put it, not copied into the flat buffer first.
     own_blocks: set[int] = field(default_factory=set)
     step: int | None = None  # the params' common step count, None if they differ
+    # The C++ row kernel (`_cpu_kernel`) steps this group: CPU, one dtype for all buffers.
+    rows_kernel: Callable[..., None] | None = None
 
 
 @dataclass
@@ -329,6 +337,10 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
     flat_group.step = _common_step(flat_group)
     flat_group.zero_mean = torch.zeros(2, 1, dtype=work, device=device)
     flats = (flat_param, flat_grad, flat_exp_avg, flat_exp_avg_sq, flat_slow)
+    on_cpu = device.type == "cpu"
+    if on_cpu and param0.dtype == work:
+        flat_group.rows_kernel = _cpu_kernel.rows_kernel()
+    block_numel = None if flat_group.rows_kernel else _BLOCK_NUMEL
     owners: dict[int, set] = defaultdict(set)  # param position -> owners of its blocks
     for segment in segments:
         first_rows = {}
@@ -336,7 +348,7 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
         for position, rows in segment.members:
             first_rows[position] = row
             row += rows
-        for first_row, end_row, owner in _row_blocks(segment, device.type == "cpu"):
+        for first_row, end_row, owner in _row_blocks(segment, on_cpu, block_numel):
             start = segment.start + first_row * segment.row_length
             end = segment.start + end_row * segment.row_length
             shape = (end_row - first_row, segment.row_length)
@@ -354,27 +366,33 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
     return flat_group
 
 
-def _row_blocks(segment: _Segment, on_cpu: bool) -> list[tuple[int, int, int | None]]:
+def _row_blocks(
+    segment: _Segment, on_cpu: bool, block_numel: int | None
+) -> list[tuple[int, int, int | None]]:
     """(first row, end row, owner) of the kernel calls that step ``segment``.
 
-    On CPU a centralized segment is stepped in blocks of about `_BLOCK_NUMEL` elements: the
-    row means read each block of gradients just before the kernel does, so the kernel finds it
-    in cache instead of reading it from memory a second time (5% of a ResNet-50 or BERT-like
-    step on this CPU). A large param gets blocks of its own (``owner`` is its position), so a
-    fresh gradient of it can be read in place; small params share blocks (owner None). Every
-    block has at least 2 rows: a size-1 dimension would make the compiler specialize and
+    On CPU a param of at least `_OWN_NUMEL` elements in a centralized segment gets calls of
+    its own (``owner`` is its position), so that a fresh gradient of it is read where autograd
+    put it instead of being copied into the flat buffer; the params between such params share
+    calls (owner None). With the compiled kernel calls hold about ``block_numel`` elements:
+    the row means read each block of gradients just before the kernel does, so the kernel
+    finds it in cache instead of reading it from memory a second time (5% of a ResNet-50 or
+    BERT-like step on this CPU). The C++ kernel reads each row twice while it is in cache
+    anyway, so its calls are not split (``block_numel`` None): fewer calls, less overhead.
+    Every call has at least 2 rows: a size-1 dimension would make the compiler specialize and
     recompile.
     """
     if not segment.centralize or not on_cpu:
         # On a GPU each call costs host time (guards, launch) that dwarfs the few microseconds
         # of the device work, so fewer, larger calls win.
         return [(0, segment.rows, None)]
-    rows_per_block = max(2, _BLOCK_NUMEL // segment.row_length)
+    rows_per_block = segment.rows if block_numel is None else block_numel // segment.row_length
+    rows_per_block = max(2, rows_per_block)
     blocks: list[tuple[int, int, int | None]] = []
     shared_start = 0  # first row of the small params not yet in a block
     row = 0
     for position, rows in segment.members:
-        own = rows >= 2 and rows * segment.row_length * 2 >= _BLOCK_NUMEL
+        own = rows >= 2 and rows * segment.row_length >= _OWN_NUMEL
         if own and row - shared_start != 1:  # a lone pending row cannot be a block
             if row > shared_start:
                 blocks.append((shared_start, row, None))
@@ -501,35 +519,47 @@ def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
     multiplier, adaptive = rectification(step, beta1, beta2, group["rectify_threshold"])
     sync = step % group["lookahead_k"] == 0
     work = flat_group.flat_exp_avg.dtype
-    hyperparameters = torch.tensor(
-        (
-            1.0 - lr * group["weight_decay"],
-            1.0 - beta1,
-            beta2,
-            1.0 - beta2,
-            group["eps"],
-            1.0 if adaptive else 0.0,
-            -lr * multiplier,
-            group["lookahead_alpha"],
-        ),
-        dtype=work,
-    )
+    values = [
+        1.0 - lr * group["weight_decay"],  # decay
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        group["eps"],
+        -lr * multiplier,  # the step size, negated
+        group["lookahead_alpha"],
+    ]
     device = flat_group.flat_param.device
-    if device.type == "cuda":
-        # From pageable memory the copy would wait for the GPU (a host sync every step);
-        # from pinned memory it is queued like a kernel.
-        hyperparameters = hyperparameters.pin_memory().to(device, non_blocking=True)
-    else:
-        hyperparameters = hyperparameters.to(device)
+    rows_kernel = flat_group.rows_kernel if _cpu_kernel.enabled else None
+    hyperparameters = None  # the compiled kernel's, made once per step if it is needed
     for block in flat_group.blocks:
         param, grad, exp_avg, exp_avg_sq, slow = block.views
         if block.owner in fresh:
             start = block.owner_offset
             grad = fresh[block.owner][start : start + grad.numel()].view(grad.shape)
+        if rows_kernel is not None and grad.dtype == work:
+            rows_kernel(
+                param, grad, exp_avg, exp_avg_sq, slow, values, block.centralize, adaptive, sync
+            )
+            continue
+        if hyperparameters is None:
+            hyperparameters = _hyperparameter_tensor(values, adaptive, work, device)
         mean = (
             grad.mean(dim=1, keepdim=True, dtype=work) if block.centralize else flat_group.zero_mean
         )
         _run_kernel(param, grad, mean, exp_avg, exp_avg_sq, slow, hyperparameters, sync)
+
+
+def _hyperparameter_tensor(values, adaptive, dtype, device) -> torch.Tensor:
+    """The compiled kernel's hyperparameters (see `_ranger_kernel`), on ``device``."""
+    decay, beta1_weight, beta2, beta2_weight, eps, neg_step_size, lookahead_alpha = values
+    ordered = (decay, beta1_weight, beta2, beta2_weight, eps, float(adaptive))
+    ordered += (neg_step_size, lookahead_alpha)
+    hyperparameters = torch.tensor(ordered, dtype=dtype)
+    if device.type == "cuda":
+        # From pageable memory the copy would wait for the GPU (a host sync every step);
+        # from pinned memory it is queued like a kernel.
+        return hyperparameters.pin_memory().to(device, non_blocking=True)
+    return hyperparameters.to(device)
 
 
 def _flat_alias(tensor: torch.Tensor) -> torch.Tensor:

@@ -188,9 +188,9 @@ def main() -> None:
     use_gc = "--no-gc" not in sys.argv
     fused = "--fused" in sys.argv
     if fused:
-        # Blocks of 64 elements, so the tiny weights get kernel calls of their own and their
-        # gradients are read where DDP left them, as a large model's would be.
-        _fused._BLOCK_NUMEL = 64
+        # The tiny weights get kernel calls of their own and their gradients are read where
+        # DDP left them, as a large model's would be.
+        _fused._OWN_NUMEL = 64
     checkpoint, stop_at_step, resume = None, None, False
     if "--stop-and-save" in sys.argv:
         checkpoint, stop_at_step = sys.argv[sys.argv.index("--stop-and-save") + 1], 10

@@ -1,7 +1,9 @@
 """The opt-in fused step (``Ranger(..., fused=True)``) against the default path.
 
-The compiled kernel runs on tiny flat buffers here; the compiler caches its code on disk, so
-later runs skip most of the compile time.
+On CPU the fused step runs the C++ row kernel (`_cpu_kernel`) for params, grads and state of
+one dtype, and the compiled kernel otherwise (and on accelerators); the parity tests run both
+(``kernel`` fixture). The kernels run on tiny flat buffers here; the compiler and the C++
+build cache their code on disk, so later runs skip most of the build time.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from ranger_plugins import Ranger, _fused
+from ranger_plugins import Ranger, _cpu_kernel, _fused
 
 SHAPES = [
     (6, 3, 2, 2),  # conv weight: row length 12
@@ -24,6 +26,22 @@ SHAPES = [
     (1, 7),  # a single row (padded in the flat buffer)
     (),  # a scalar
 ]
+
+
+@pytest.fixture(params=["cpu_rows", "compiled"])
+def kernel(request, monkeypatch):
+    """Which kernel the fused step runs on CPU: the C++ row kernel or the compiled one."""
+    if request.param == "compiled":
+        monkeypatch.setattr(_cpu_kernel, "enabled", False)
+    else:
+        assert _cpu_kernel.rows_kernel() is not None, "the C++ kernel did not build"
+    return request.param
+
+
+def _expected_graphs(kernel: str) -> int:
+    # Compiled: two graphs whatever the number of tensors, without and with the Lookahead
+    # sync. The C++ kernel compiles nothing.
+    return 2 if kernel == "compiled" else 0
 
 
 def _params(dtype, seed=0, channels_last=False):
@@ -71,21 +89,21 @@ def _assert_same(params_a, opt_a, params_b, opt_b, rtol, atol):
     "kwargs",
     [dict(weight_decay=0.1), dict(use_gc=False), dict(gc_conv_only=True, channels_last=True)],
 )
-def test_fused_matches_default_path_in_float64_without_recompiling(kwargs):
+def test_fused_matches_default_path_in_float64_without_recompiling(kwargs, kernel):
     torch._dynamo.reset()
     _fused._traced_variants.clear()
     counters.clear()
     fused_params, fused_opt = _train(True, **dict(kwargs))
     ref_params, ref_opt = _train(False, **dict(kwargs))
     _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
-    # Two graphs whatever the number of tensors: without and with the Lookahead sync. The
-    # lr changed at every step and caused no recompile.
-    assert counters["stats"]["unique_graphs"] == 2
+    # The lr changed at every step and caused no recompile.
+    assert counters["stats"]["unique_graphs"] == _expected_graphs(kernel)
 
 
-def test_square_first_block_does_not_make_later_blocks_recompile():
+def test_square_first_block_does_not_make_later_blocks_recompile(monkeypatch):
     # The first kernel call steps the 12 x 12 weight alone (the longest rows come first), then
     # a 5 x 7 block and the 2-row block of the bias: one graph per Lookahead variant.
+    monkeypatch.setattr(_cpu_kernel, "enabled", False)
     torch._dynamo.reset()
     _fused._traced_variants.clear()  # the reset dropped the graphs traced without duck shapes
     counters.clear()
@@ -102,17 +120,25 @@ def test_square_first_block_does_not_make_later_blocks_recompile():
     assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatch):
-    # Blocks of 2 rows (row length 12) and 4 rows (row length 4); the linear weight's 5 rows
-    # end in a 3-row block, since a 1-row remainder joins the block before it.
+def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatch, kernel):
+    # Compiled kernel: blocks of 2 rows (row length 12) and 4 rows (row length 4); the linear
+    # weight's 5 rows end in a 3-row block, since a 1-row remainder joins the block before it.
+    # C++ kernel: calls are not split, one per param that owns its calls.
     monkeypatch.setattr(_fused, "_BLOCK_NUMEL", 24)
+    monkeypatch.setattr(_fused, "_OWN_NUMEL", 12)
     torch._dynamo.reset()
     _fused._traced_variants.clear()
     counters.clear()
     fused_params, fused_opt = _train(True)
     (flat_group,) = _fused._caches[fused_opt].groups[0]
     block_rows = [block.views[1].shape[0] for block in flat_group.blocks]
-    assert block_rows.count(2) >= 5 and 3 in block_rows and 1 not in block_rows
+    if kernel == "compiled":
+        assert block_rows.count(2) >= 5 and 3 in block_rows and 1 not in block_rows
+    else:
+        owned_rows = [
+            block.views[1].shape[0] for block in flat_group.blocks if block.owner is not None
+        ]
+        assert sorted(owned_rows) == [4, 5, 6] and 1 not in block_rows
     # The conv, linear and 4x4 weights have blocks of their own, so their fresh gradients
     # (new tensors every step here) are read where they are; the others are copied into the
     # flat buffer, and their .grad points there.
@@ -123,13 +149,13 @@ def test_fused_in_row_blocks_matches_default_path_without_recompiling(monkeypatc
     assert in_flat == [not own for own in owned]
     ref_params, ref_opt = _train(False)
     _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == _expected_graphs(kernel)
 
 
 def test_row_blocks_cover_every_row_once_in_blocks_of_two_rows_or_more(monkeypatch):
     import random
 
-    monkeypatch.setattr(_fused, "_BLOCK_NUMEL", 64)
+    monkeypatch.setattr(_fused, "_OWN_NUMEL", 32)
     rng = random.Random(0)
     for _ in range(500):
         row_length = rng.choice([1, 3, 8, 40])
@@ -139,7 +165,8 @@ def test_row_blocks_cover_every_row_once_in_blocks_of_two_rows_or_more(monkeypat
         rows = sum(r for _, r in members)
         rows += rows == 1  # the padding row of a single-row segment
         segment = _fused._Segment(0, rows, row_length, True, members)
-        blocks = _fused._row_blocks(segment, on_cpu=True)
+        block_numel = rng.choice([64, None])  # the compiled kernel's blocks, or the C++ one's
+        blocks = _fused._row_blocks(segment, on_cpu=True, block_numel=block_numel)
         assert blocks[0][0] == 0 and blocks[-1][1] == rows
         assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
         assert all(end - first >= 2 for first, end, _ in blocks)
@@ -150,7 +177,7 @@ def test_row_blocks_cover_every_row_once_in_blocks_of_two_rows_or_more(monkeypat
                     assert first_row <= first and end <= first_row + member_rows
             first_row += member_rows
     gpu_segment = _fused._Segment(0, 40, 8, True, [(0, 40)])
-    assert _fused._row_blocks(gpu_segment, on_cpu=False) == [(0, 40, None)]
+    assert _fused._row_blocks(gpu_segment, on_cpu=False, block_numel=None) == [(0, 40, None)]
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
@@ -195,7 +222,9 @@ def test_fused_state_lives_in_flat_buffers_of_exactly_three_param_sizes():
     assert state_bytes == 3 * sum(p.numel() * p.element_size() for p in params)
 
 
-def test_fused_with_low_precision_params_matches_default_path():
+def test_fused_with_low_precision_params_matches_default_path(kernel):
+    # On CPU fp32 params take the kernel under test; bf16 params (fp32 state) always the
+    # compiled one.
     for dtype in (torch.float32, torch.bfloat16):
         fused_params, fused_opt = _train(True, dtype=dtype)
         ref_params, ref_opt = _train(False, dtype=dtype)
