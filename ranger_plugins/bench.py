@@ -153,7 +153,7 @@ def build_rows(include_fused: bool) -> list[Row]:
                 lambda p: Ranger(p, lr=LR, eps=EPS, fused=True),
                 fresh_grads=True,
             ),
-            # The compiled kernel alone: GC's row means are the one read outside it.
+            # The fused kernel without GC: what GC adds to it.
             Row(
                 "ours fused, GC off",
                 False,
