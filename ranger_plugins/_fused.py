@@ -1,5 +1,9 @@
-"""The opt-in fused Ranger step (``Ranger(..., fused=True)``): flat buffers and one compiled
-elementwise kernel per gradient row length.
+"""The opt-in fused Ranger step (``Ranger(..., fused=True)``): flat buffers and one kernel
+call per gradient row length (or per block of rows).
+
+On CPU the kernel is the C++ row kernel of `_cpu_kernel` when params, grads and state share
+one dtype (GC's row mean and the update in one pass over memory); otherwise, and on
+accelerators, it is the compiled elementwise kernel below.
 
 Why this shape (facts measured on torch 2.14):
 
@@ -25,9 +29,9 @@ Why this shape (facts measured on torch 2.14):
 * A step whose parameters do not all have gradients, or whose parameters' step counts differ,
   runs the default multi-tensor path on the same views (exact, just not fused).
 
-Memory traffic per fp32 parameter and step: read p, grad, m, v; write p, m, v: 28 bytes (the GC
-mean's read of the gradient mostly hits cache), plus 8 bytes on Lookahead sync steps for the
-slow weights.
+Memory traffic per fp32 parameter and step: read p, grad, m, v; write p, m, v: 28 bytes (the
+compiled kernel's GC mean is one more read of the gradient, which mostly hits cache on CPU),
+plus 8 bytes on Lookahead sync steps for the slow weights.
 """
 
 from __future__ import annotations
