@@ -88,9 +88,9 @@ def _ranger_kernel(
         beta2,
         beta2_weight,
         eps,
-        adaptive,
         neg_step_size,
         lookahead_alpha,
+        adaptive,
     ) = hyperparameters.unbind()  # decay = 1 - lr * wd, neg_step_size = -lr * multiplier
     work = exp_avg.dtype
     g = grad.to(work) - grad_mean
@@ -349,10 +349,10 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
     block_numel = None if flat_group.rows_kernel else _BLOCK_NUMEL
     owners: dict[int, set] = defaultdict(set)  # param position -> owners of its blocks
     for segment in segments:
-        start, end = segment.start, segment.start + segment.rows * segment.row_length
-        shape = (segment.rows, segment.row_length)
-        views = tuple(flat[start:end].view(shape) for flat in flats)
-        flat_group.segment_blocks.append(_Block(segment.centralize, views, None, 0))
+        if flat_group.rows_kernel is not None:
+            start, end = segment.start, segment.start + segment.rows * segment.row_length
+            views = tuple(flat[start:end].view(segment.rows, segment.row_length) for flat in flats)
+            flat_group.segment_blocks.append(_Block(segment.centralize, views, None, 0))
         first_rows = {}
         row = 0
         for position, rows in segment.members:
@@ -566,10 +566,7 @@ def _step_flat_group(optimizer, group: dict, flat_group: _FlatGroup) -> None:
 
 def _hyperparameter_tensor(values, adaptive, dtype, device) -> torch.Tensor:
     """The compiled kernel's hyperparameters (see `_ranger_kernel`), on ``device``."""
-    decay, beta1_weight, beta2, beta2_weight, eps, neg_step_size, lookahead_alpha = values
-    ordered = (decay, beta1_weight, beta2, beta2_weight, eps, float(adaptive))
-    ordered += (neg_step_size, lookahead_alpha)
-    hyperparameters = torch.tensor(ordered, dtype=dtype)
+    hyperparameters = torch.tensor((*values, float(adaptive)), dtype=dtype)
     if device.type == "cuda":
         # From pageable memory the copy would wait for the GPU (a host sync every step);
         # from pinned memory it is queued like a kernel.

@@ -196,7 +196,7 @@ def test_compiled_kernel_is_one_loop_without_temporaries(param_dtype):
     exp_avg, exp_avg_sq, slow = (torch.rand(rows, row_length) for _ in range(3))
     mean = grad.float().mean(dim=1, keepdim=True)
     for sync in (False, True):
-        hyperparameters = torch.tensor((0.99, 0.05, 0.999, 0.001, 1e-5, 1.0, -1e-3, 0.5))
+        hyperparameters = torch.tensor((0.99, 0.05, 0.999, 0.001, 1e-5, -1e-3, 0.5, 1.0))
         _, code = run_and_get_code(
             _fused._kernel(), param, grad, mean, exp_avg, exp_avg_sq, slow, hyperparameters, sync
         )

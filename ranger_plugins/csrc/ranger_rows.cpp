@@ -115,5 +115,7 @@ void ranger_rows_(const torch::Tensor& param, const torch::Tensor& grad,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("ranger_rows_", &ranger_rows_, "One fused Ranger step on (rows, row length) views");
+  // Other Python threads (data loading) run while a step streams memory.
+  module.def("ranger_rows_", &ranger_rows_, "One fused Ranger step on (rows, row length) views",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
 }
