@@ -367,3 +367,22 @@ def test_benchmark_quick_run_prints_every_row(tmp_path, capsys):
         line = next(line for line in out.splitlines() if line.startswith(label + " "))
         assert line.rstrip().endswith(" s"), line  # timed, not skipped or failed
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fused_falls_back_to_the_compiled_kernel_where_the_cpu_kernel_cannot_be_built(
+    monkeypatch,
+):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(_cpu_kernel, "_kernel", None)  # as if never built in this process
+    monkeypatch.setattr(_cpu_kernel, "_unavailable", False)
+    with pytest.warns(RuntimeWarning, match="could not build the CPU kernel"):
+        fused_params, fused_opt = _train(True)
+    (flat_group,) = _fused._caches[fused_opt].groups[0]
+    assert flat_group.rows_kernel is None and _cpu_kernel.rows_kernel() is None
+    ref_params, ref_opt = _train(False)
+    _assert_same(fused_params, fused_opt, ref_params, ref_opt, rtol=1e-12, atol=1e-14)
