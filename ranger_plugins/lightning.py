@@ -244,9 +244,6 @@ def _saved_fast_state(trainer: Any, checkpoint: Mapping[str, Any]) -> Mapping[st
     """The fast weights `LookaheadCallback.on_save_checkpoint` saved, wherever they are."""
     if FAST_STATE_KEY in checkpoint:
         return checkpoint[FAST_STATE_KEY]
-    optimizer_states = checkpoint.get("optimizer_states") or [{}]
-    if FAST_STATE_KEY in optimizer_states[0]:  # a distributed checkpoint, consolidated
-        return optimizer_states[0][FAST_STATE_KEY]
     path = trainer.ckpt_path
     model = trainer.strategy.model
     if path is None or not os.path.isdir(path) or not _holds_dtensors(model.state_dict()):
