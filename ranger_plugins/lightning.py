@@ -272,8 +272,9 @@ class LookaheadCallback(*_callback_bases()):
       without validation, and ``ModelCheckpoint``/``EarlyStopping`` see slow-weight metrics.
     * A checkpoint's ``state_dict`` holds the slow weights (what validation saw), so
       ``Model.load_from_checkpoint`` gives the evaluated model; the fast weights are saved
-      beside them under ``"lookahead_fast_state_dict"`` and put back when ``fit`` resumes
-      from the checkpoint, so training continues exactly.
+      beside them under ``"lookahead_fast_state_dict"`` (in FSDP2's sharded checkpoints, in
+      the first optimizer's entry, so that they are sharded too) and put back when ``fit``
+      resumes from the checkpoint, so training continues exactly.
     * At the end of ``fit`` the model is left with the weights chosen by
       ``weights_after_fit`` (by default the synced slow weights), which a later
       ``trainer.test``/``predict`` or ``save_checkpoint`` then uses.
