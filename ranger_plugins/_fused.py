@@ -348,10 +348,16 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
         flat_group.rows_kernel = _cpu_kernel.rows_kernel()
     block_numel = None if flat_group.rows_kernel else _BLOCK_NUMEL
     owners: dict[int, set] = defaultdict(set)  # param position -> owners of its blocks
+
+    def row_views(segment: _Segment, first_row: int, end_row: int) -> tuple[torch.Tensor, ...]:
+        start = segment.start + first_row * segment.row_length
+        end = segment.start + end_row * segment.row_length
+        shape = (end_row - first_row, segment.row_length)
+        return tuple(flat[start:end].view(shape) for flat in flats)
+
     for segment in segments:
         if flat_group.rows_kernel is not None:
-            start, end = segment.start, segment.start + segment.rows * segment.row_length
-            views = tuple(flat[start:end].view(segment.rows, segment.row_length) for flat in flats)
+            views = row_views(segment, 0, segment.rows)
             flat_group.segment_blocks.append(_Block(segment.centralize, views, None, 0))
         first_rows = {}
         row = 0
@@ -359,10 +365,7 @@ def _build(optimizer, group, params: list[torch.Tensor], use_gc, gc_conv_only) -
             first_rows[position] = row
             row += rows
         for first_row, end_row, owner in _row_blocks(segment, on_cpu, block_numel):
-            start = segment.start + first_row * segment.row_length
-            end = segment.start + end_row * segment.row_length
-            shape = (end_row - first_row, segment.row_length)
-            views = tuple(flat[start:end].view(shape) for flat in flats)
+            views = row_views(segment, first_row, end_row)
             offset = 0 if owner is None else (first_row - first_rows[owner]) * segment.row_length
             flat_group.blocks.append(_Block(segment.centralize, views, owner, offset))
             for position, rows in segment.members:
