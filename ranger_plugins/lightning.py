@@ -22,7 +22,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -95,11 +95,11 @@ def no_decay_param_groups(
 
 
 def _check_not_fsdp1_flattened(groups: list[dict[str, Any]], use_gc: bool) -> None:
-    """FSDP1 flattens parameters (its ``FlatParameter``, or 1-D views with
-    ``use_orig_params=True``), so per-row GC would be silently skipped: refuse instead.
+    """Refuse GC on FSDP1's flattened parameters (its ``FlatParameter``, or the 1-D views of
+    it with ``use_orig_params=True``), where per-row GC cannot work.
 
-    The core's own guard does not catch these in torch 2.14 (a ``FlatParameter`` is a plain
-    ``Parameter`` by type name, and the guard only runs for params with more than one dim).
+    The core `Ranger` raises the same error at its first step; raising it here, when
+    ``configure_optimizers`` builds the optimizer, stops the run before any training.
     """
     if not use_gc:
         return
@@ -227,6 +227,62 @@ def _detached_copy(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+@torch.no_grad()
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor in its dicts, lists and tuples replaced by a copy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _cloned(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(item) for item in value)
+    return value
+
+
+@torch.no_grad()
+def _copy_each(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    for destination, source in zip(destinations, sources):
+        destination.copy_(source)
+
+
+class _TrainingStateBeforeFinish:
+    """The tensors ``finish_training`` overwrites, as they were: the fast weights (unless
+    ``weights_after_fit="fast"``, which changes nothing) and, for ``"synced"``, which moves
+    them too, the optimizers' slow weights. `restored` puts them back for a while."""
+
+    def __init__(self, optimizers: list[LookaheadControls], weights_after_fit: str) -> None:
+        self.optimizers = optimizers
+        self.targets: list[torch.Tensor] = []
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    slow = optimizer.state.get(param, {}).get("slow_param")
+                    if slow is None or weights_after_fit == "fast":
+                        continue
+                    self.targets.append(param)
+                    if weights_after_fit == "synced":
+                        self.targets.append(slow)
+        with torch.no_grad():
+            self.saved = [target.detach().clone() for target in self.targets]
+
+    def belongs_to(self, optimizers: Iterable[Optimizer]) -> bool:
+        """Whether ``optimizers`` are the ones this state was taken from."""
+        mine = self.optimizers
+        theirs = _lookahead_optimizers(optimizers)
+        return len(mine) == len(theirs) and all(a is b for a, b in zip(mine, theirs))
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """The state from before the finish in the model and the optimizers, then back."""
+        with torch.no_grad():
+            finished = [target.detach().clone() for target in self.targets]
+            _copy_each(self.targets, self.saved)
+        try:
+            yield
+        finally:
+            _copy_each(self.targets, finished)
+
+
 def _is_fitting(trainer: Any) -> bool:
     return trainer.state.fn == "fit"
 
@@ -277,7 +333,12 @@ class LookaheadCallback(*_callback_bases()):
       resumes from the checkpoint, so training continues exactly.
     * At the end of ``fit`` the model is left with the weights chosen by
       ``weights_after_fit`` (by default the synced slow weights), which a later
-      ``trainer.test``/``predict`` or ``save_checkpoint`` then uses.
+      ``trainer.test``/``predict`` uses and a later checkpoint's ``state_dict`` holds.
+    * The end-of-fit weights are for evaluation, not a training step: a checkpoint written
+      after them (``ModelCheckpoint(save_last=True)``'s ``last.ckpt`` in ``on_train_end``,
+      ``trainer.save_checkpoint`` after ``fit``) keeps the training state from before them
+      (the fast weights and the optimizer state), so ``fit(ckpt_path=...)`` with a larger
+      ``max_epochs`` continues exactly like one longer run.
 
     The optimizer does the Lookahead itself (its state holds the slow weights and the step
     counts); this callback only decides which weights the model holds when. Automatic and
@@ -300,10 +361,13 @@ class LookaheadCallback(*_callback_bases()):
         self.weights_after_fit = weights_after_fit
         # The open `slow_weights()` contexts while validation runs on the slow weights.
         self._slow_weights_stack: contextlib.ExitStack | None = None
+        # What the end-of-fit `finish_training` overwrote, for checkpoints written after it.
+        self._before_finish: _TrainingStateBeforeFinish | None = None
 
     @property
     @override
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint's ``"callbacks"``."""
         return "LookaheadCallback"
 
     # -- swapping --------------------------------------------------------------------------
@@ -322,6 +386,10 @@ class LookaheadCallback(*_callback_bases()):
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Called when fit begins.
+
+        Warns when no optimizer has Lookahead slow weights (the callback then does nothing).
+        """
         if not _lookahead_optimizers(trainer.optimizers) and trainer.is_global_zero:
             warnings.warn(
                 "LookaheadCallback found no optimizer with Lookahead slow weights (Ranger or "
@@ -330,59 +398,107 @@ class LookaheadCallback(*_callback_bases()):
             )
 
     @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Called when training begins.
+
+        Forgets the training state kept from the end of an earlier ``fit``.
+        """
+        self._before_finish = None
+
+    @override
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        # Only inside fit: a standalone validate/test evaluates the weights it was given.
+        """Called when a validation epoch begins.
+
+        Inside ``fit``, puts the slow weights into the model (a standalone ``validate`` or
+        ``test`` evaluates the weights it was given).
+        """
         if _is_fitting(trainer):
             self._swap_in_slow_weights(trainer)
 
     @override
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Called when a validation epoch ends.
+
+        Restores the fast weights, exactly.
+        """
         self._restore_fast_weights()
 
     @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        # Leave the model with its training weights, as if validation had ended.
+        """Called when any trainer execution is interrupted by an exception.
+
+        Leaves the model with its training weights, as if validation had ended.
+        """
         self._restore_fast_weights()
 
     @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        for optimizer in _lookahead_optimizers(trainer.optimizers):
+        """Called when training ends.
+
+        Leaves the model holding ``weights_after_fit``, keeping the tensors this overwrites
+        for the checkpoints written afterwards.
+        """
+        optimizers = _lookahead_optimizers(trainer.optimizers)
+        self._before_finish = _TrainingStateBeforeFinish(optimizers, self.weights_after_fit)
+        for optimizer in optimizers:
             optimizer.finish_training(self.weights_after_fit)
 
     # -- checkpoints -----------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # Its presence in a checkpoint makes Lightning warn when a run resumes without this
-        # callback (the model would then train on from the slow weights).
+        """Called when saving a checkpoint.
+
+        Its presence in a checkpoint makes Lightning warn when a run resumes without this
+        callback (the model would then train on from the slow weights).
+        """
         return {"weights_after_fit": self.weights_after_fit, "fast_state_key": FAST_STATE_KEY}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The configuration comes from the constructor; the checkpoint's copy is informative.
-        pass
+        """Called when loading a checkpoint.
+
+        Nothing to load: the configuration comes from the constructor.
+        """
+
+    def _fast_state(self, trainer: Any, checkpoint: dict[str, Any]) -> Mapping[str, Any]:
+        """The fast weights for ``checkpoint``; after the end-of-fit finish, the optimizer
+        states too are replaced by those from before it."""
+        strategy = trainer.strategy
+        before_finish = self._before_finish
+        if before_finish is not None and before_finish.belongs_to(trainer.optimizers):
+            with before_finish.restored():
+                if "optimizer_states" in checkpoint:
+                    checkpoint["optimizer_states"] = [
+                        _cloned(strategy.optimizer_state(optimizer))
+                        for optimizer in trainer.optimizers
+                    ]
+                return _detached_copy(strategy.lightning_module_state_dict())
+        if self._slow_weights_stack is None:
+            # These tensors may share storage with the parameters; they are read only after
+            # the fast weights are back.
+            return checkpoint["state_dict"]
+        # Saved from inside validation: the model holds the slow weights.
+        self._restore_fast_weights()
+        fast_state = _detached_copy(strategy.lightning_module_state_dict())
+        self._swap_in_slow_weights(trainer)
+        return fast_state
 
     @override
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """Put the slow weights in ``state_dict`` and the fast weights beside them."""
+        """Called when saving a checkpoint.
+
+        Puts the slow weights in ``state_dict`` and the fast weights beside them.
+        """
         optimizers = _lookahead_optimizers(trainer.optimizers)
         if not optimizers:
             return
-        strategy = trainer.strategy
-        in_validation = self._slow_weights_stack is not None
-        if in_validation:  # saved from inside validation: the model holds the slow weights
-            self._restore_fast_weights()
-            fast_state = _detached_copy(strategy.lightning_module_state_dict())
-        else:
-            # These tensors may share storage with the parameters; they are read only after
-            # the fast weights are back.
-            fast_state = checkpoint["state_dict"]
+        fast_state = self._fast_state(trainer, checkpoint)
         with contextlib.ExitStack() as stack:
             _enter_slow_weights(stack, optimizers)
-            slow_state = _detached_copy(strategy.lightning_module_state_dict())
-        if in_validation:
-            self._swap_in_slow_weights(trainer)
-        checkpoint["state_dict"] = slow_state
+            checkpoint["state_dict"] = _detached_copy(
+                trainer.strategy.lightning_module_state_dict()
+            )
         if _holds_dtensors(fast_state):
             # A distributed checkpoint (FSDP2 under ModelParallelStrategy): the strategy writes
             # "state_dict" and "optimizer_states" shard by shard, but the rest of the dict to
@@ -398,9 +514,13 @@ class LookaheadCallback(*_callback_bases()):
 
     @override
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """When ``fit`` resumes, load the fast weights (``state_dict`` has the slow ones)."""
+        """Called when loading a checkpoint.
+
+        When ``fit`` resumes, loads the fast weights into the model (``state_dict`` has the
+        slow ones); ``validate``, ``test`` and ``predict`` keep the slow weights.
+        """
         if not _is_fitting(trainer):
-            return  # validate/test/predict use the slow weights already loaded
+            return
         fast_state = _saved_fast_state(trainer, checkpoint)
         if fast_state is None:
             if trainer.is_global_zero:
