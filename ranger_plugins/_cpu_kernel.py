@@ -1,36 +1,36 @@
-"""The fused step's CPU kernel: each row's GC mean and update in one pass, in C++.
+"""The fused step's C++ CPU kernel: each row's GC mean and update in one pass over memory.
 
-Why a hand-written kernel next to the compiled one (facts measured on torch 2.14, 2 cores):
-inductor crashes when GC's row mean is computed inside the compiled kernel (see `_fused`), so
-there the mean is a separate read of the gradient, and the GC-on step took 1.55-1.86x the
-memory floor against 1.13-1.34x without GC. This loop sums a row, then updates it while it is
-still in L1 cache: 1.24x and 1.18x the floor with GC on, on ResNet-50 and BERT-like shapes, in
-the README's benchmark run (1.22-1.45x in one-process A/B runs as the machine's load moved,
-against 1.61-1.81x for the compiled kernel in the same runs).
+One call steps a whole list of params on their own tensors (``csrc/ranger_rows.cpp``): it
+reads p, grad, m and v and writes p, m and v once per element, the memory floor of the step
+with Gradient Centralization on. It covers CPU params of float32/float64 (state of the same
+dtype) and bfloat16/float16 (float32 state); `fused_ranger` steps any other param with the
+default path.
 
-It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about
-25 s once, then loaded from torch's extension cache), for the vector width torch itself
-dispatches to on this CPU. Where it cannot be built, the fused step keeps the compiled kernel
-(with one warning). It covers params, gradients and state of one dtype (float32 or float64);
-other combinations (bfloat16 params with float32 state) and accelerators use the compiled
-kernel.
+It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) for
+the vector width torch itself dispatches to on this CPU, then loaded from torch's extension
+cache. The first build says so on stderr; where no build is possible, one warning names the
+cause and the fused step runs the default path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import platform
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 _SOURCE = Path(__file__).with_name("csrc") / "ranger_rows.cpp"
+_PACKAGE_DIR = str(Path(__file__).parent)
 
-_kernel: Callable[..., None] | None = None
+_kernel: Callable[..., list[int]] | None = None
 _unavailable = False  # the build failed once: do not retry every step
-enabled = True  # tests switch it off to exercise the compiled kernel on CPU
+enabled = True  # tests switch it off to exercise the fallback
 
 
 def _vector_flags() -> tuple[str, list[str]]:
@@ -42,37 +42,83 @@ def _vector_flags() -> tuple[str, list[str]]:
     return "default", []
 
 
-def rows_kernel() -> Callable[..., None] | None:
-    """``ranger_rows_(param, grad, exp_avg, exp_avg_sq, slow, hyperparameters, centralize,
-    adaptive, sync)`` on 2-D contiguous CPU views, or None where it cannot be built."""
+@contextlib.contextmanager
+def _quiet_torch_build_logs() -> Iterator[None]:
+    # torch's extension builder logs "No CUDA runtime is found, using CUDA_HOME=..." on
+    # CPU-only machines and a multi-line compiler banner; neither concerns a CPU kernel.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _build() -> Callable[..., list[int]]:
+    tag, flags = _vector_flags()
+    name = f"ranger_plugins_step_{tag}"
+    with _quiet_torch_build_logs():
+        from torch.utils import cpp_extension
+
+        build_dir = cpp_extension._get_build_directory(name, verbose=False)
+        if not any(Path(build_dir).glob(f"{name}*.so")):
+            print(
+                "ranger_plugins: building the fused step's C++ CPU kernel (once per machine, "
+                f"about a minute; cached in {build_dir})",
+                file=sys.stderr,
+                flush=True,
+            )
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            # Vectorized sqrt needs no errno; no contracted multiply-adds, so the arithmetic
+            # rounds like the default path's separate operations.
+            extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", *flags],
+            build_directory=build_dir,
+            verbose=False,
+        )
+    return module.ranger_step_
+
+
+def step_kernel() -> Callable[..., list[int]] | None:
+    """``ranger_step_(params, grads, exp_avgs, exp_avg_sqs, slows, hyperparameters,
+    gc_min_dim, adaptive, sync) -> positions not stepped``, or None where it cannot be
+    built (or `enabled` is off)."""
     global _kernel, _unavailable
     if not enabled or _unavailable:
         return None
     if _kernel is None:
-        if sys.platform == "win32":  # the flags below are GCC/Clang's
+        if sys.platform == "win32":  # the flags are GCC/Clang's
             _unavailable = True
             return None
-        tag, flags = _vector_flags()
         try:
-            from torch.utils.cpp_extension import load
-
-            module = load(
-                name=f"ranger_plugins_rows_{tag}",
-                sources=[str(_SOURCE)],
-                # Vectorized sqrt needs no errno; no contracted multiply-adds, so the
-                # arithmetic rounds like the default path's separate operations.
-                extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
-                + flags,
-                verbose=False,
-            )
+            _kernel = _build()
         except Exception as error:  # no compiler, no ninja, no headers
             _unavailable = True
             warnings.warn(
-                f"Ranger(fused=True): could not build the CPU kernel ({type(error).__name__}: "
-                f"{error}); using the compiled kernel, with GC's row means read separately",
+                f"Ranger(fused=True): could not build the C++ CPU kernel ({_cause(error)}); "
+                "using the default multi-tensor step",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
             return None
-        _kernel = module.ranger_rows_
     return _kernel
+
+
+def _cause(error: Exception) -> str:
+    """One line that names why a build failed (the build log itself is long)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    line = (errors or lines or [type(error).__name__])[0]
+    return f"{type(error).__name__}: {line[:200]}"
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package and torch, so a warning
+    points at the user's ``optimizer.step()``."""
+    internal = (_PACKAGE_DIR, os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level

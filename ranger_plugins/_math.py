@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ._state import as_float
+
 
 def _gc_applies(grad: torch.Tensor, gc_conv_only: bool) -> bool:
     return grad.dim() > (3 if gc_conv_only else 1)
@@ -46,10 +48,9 @@ def rectification(
 def step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     """A param group's hyperparameters as the step functions take them (one place to add a new
     one). torch allows a tensor lr (schedulers fill it in place); step sizes need a float."""
-    lr = group["lr"].item() if torch.is_tensor(group["lr"]) else group["lr"]
     beta1, beta2 = group["betas"]
     return dict(
-        lr=lr,
+        lr=as_float(group["lr"]),
         beta1=beta1,
         beta2=beta2,
         eps=group["eps"],

@@ -141,7 +141,7 @@ def build_rows(include_fused: bool) -> list[Row]:
     if include_fused:
         rows += [
             Row(
-                "ours fused, GC on (grads kept in the flat buffer)",
+                "ours fused, GC on (grads kept)",
                 True,
                 "ours",
                 lambda p: Ranger(p, lr=LR, eps=EPS, fused=True),

@@ -16,7 +16,14 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.optim import Optimizer
 
-from ._state import check_lookahead_args, load_state_dict_safely, state_dtype
+from ._state import (
+    check_lookahead_args,
+    check_param_states,
+    check_state_dict_matches,
+    load_state_dict_safely,
+    state_dtype,
+    steps_to_int,
+)
 
 __all__ = ["WEIGHTS_AFTER_FIT", "Lookahead", "LookaheadControls", "check_weights_after_fit"]
 
@@ -229,13 +236,25 @@ class Lookahead(LookaheadControls, Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        for group in state_dict.get("param_groups", []):
-            check_lookahead_args(
-                group.get("lookahead_k", self._lookahead_defaults["lookahead_k"]),
-                group.get("lookahead_alpha", self._lookahead_defaults["lookahead_alpha"]),
-            )
-        load_state_dict_safely(self.optimizer, state_dict, self.optimizer.load_state_dict)
-        # A state dict of the bare inner optimizer loads too, with this wrapper's k/alpha.
+        """Load a state dict of this wrapper (or of the bare inner optimizer, which then
+        gets this wrapper's k and alpha) after checking what `step()` reads from it; one
+        that does not fit raises a `ValueError` and leaves the optimizer unchanged. The hooks
+        registered on the wrapper run once, those on the inner optimizer by its own load."""
+        load_state_dict_safely(
+            self, state_dict, self.optimizer.load_state_dict, self._check_state_dict
+        )
+        steps_to_int(self, "lookahead_step")
         for group in self.param_groups:
             for key, value in self._lookahead_defaults.items():
                 group.setdefault(key, value)
+
+    def _check_state_dict(self, state_dict: dict) -> None:
+        check_state_dict_matches(self, state_dict)
+        for index, group in enumerate(state_dict["param_groups"]):
+            check_lookahead_args(
+                group.get("lookahead_k", self._lookahead_defaults["lookahead_k"]),
+                group.get("lookahead_alpha", self._lookahead_defaults["lookahead_alpha"]),
+                where=f"group {index} of the loaded state dict: ",
+            )
+        # The inner optimizer's own state is its business; Lookahead's two keys go together.
+        check_param_states(self, state_dict, "lookahead_step", ("slow_param",), required=False)

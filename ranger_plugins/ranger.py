@@ -8,16 +8,30 @@ grouped by device, dtype and step; the default).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from ._fused import fused_step
+from ._fused import fused_ranger
 from ._math import centralize_gradient, rectification, step_hyperparameters
 from ._multi_tensor import _multi_tensor_ranger
-from ._state import check_lookahead_args, load_state_dict_safely, state_dtype
+from ._state import (
+    STATE_TENSOR_KEYS,
+    check_gradients,
+    check_lookahead_args,
+    check_param_states,
+    check_real,
+    check_state_dict_matches,
+    load_state_dict_safely,
+    move_state_to_param,
+    params_whose_state_moved,
+    state_dtype,
+    steps_to_int,
+)
 from .lookahead import LookaheadControls
 
 __all__ = ["Ranger", "centralize_gradient", "rectification"]
@@ -67,10 +81,10 @@ class Ranger(LookaheadControls, Optimizer):
             weights).
         rectify_threshold: the adaptive step is used once rho_t exceeds this (>= 4, since
             r_t needs rho_t > 4).
-        fused: the opt-in fused step (`ranger_plugins._fused`): parameters, gradients and
-            state move into flat buffers per device and dtype (``param.data``, ``param.grad``
-            and ``state[param]`` become views into them) and one compiled kernel updates
-            them. Same results as the default path up to rounding; the first steps compile.
+        fused: the opt-in fused step (`ranger_plugins._fused`): on CPU one C++ call steps
+            every param of the group on its own tensors, in one pass over memory (built on
+            first use; without a compiler, and on accelerators, the default path runs). Same
+            results as the default path up to rounding; ``p.grad`` is not centralized in place.
         foreach: use the multi-tensor implementation (default: yes, unless a param is not a
             strided tensor).
 
@@ -129,18 +143,19 @@ class Ranger(LookaheadControls, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Groups pickled by an older version get the flags added since.
+        # Groups pickled or saved by an older version get the flags added since.
         for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("fused", False)
-            group.setdefault("gc_conv_only", False)
-            group.setdefault("rectify_threshold", 5.0)
+            for key, value in OPTIONAL_GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; a mismatched one raises and leaves the optimizer unchanged."""
-        for group in state_dict.get("param_groups", []):
-            check_hyperparameters({**self.defaults, **group})
-        load_state_dict_safely(self, state_dict, super().load_state_dict)
+        """Load a state dict after checking everything `step()` will read from it; a state
+        dict that does not fit raises a `ValueError` naming the group, param and key, and
+        leaves the optimizer unchanged."""
+        load_state_dict_safely(
+            self, state_dict, super().load_state_dict, partial(_check_ranger_state_dict, self)
+        )
+        steps_to_int(self, "step")
 
     def _init_group(
         self,
@@ -152,37 +167,22 @@ class Ranger(LookaheadControls, Optimizer):
         slow_params: list[torch.Tensor],
         steps: list[int],
     ) -> None:
+        """Fill the lists with the group's params that have a gradient and their state
+        (created at a param's first step), after this step's increment of the step counts.
+        Everything is checked before any state changes, so an error changes nothing."""
         with_grad = [p for p in group["params"] if p.grad is not None]
         if not with_grad:
             return
         grads += [p.grad for p in with_grad]
-        # Check everything before touching any state, so an error changes nothing.
-        if any(grad.is_sparse for grad in grads):
-            raise RuntimeError("Ranger does not support sparse gradients")
-        if any(dtype.is_complex for dtype in {p.dtype for p in with_grad}):
-            raise RuntimeError(
-                "Ranger does not support complex parameters; optimize "
-                "torch.view_as_real(param) instead"
-            )
+        check_gradients(with_grad, grads)
         if group["use_gc"]:  # also 1-D params: FSDP1 flattens every param to 1-D
-            # The check looks at marks a param keeps for life: skip the params already checked.
-            checked = self._gc_checked_params
-            for param in with_grad:
-                if id(param) not in checked:
-                    _check_gc_supported(param)
-            checked.update(map(id, with_grad))
+            self._check_gc_supported(with_grad)
         states = [self.state[param] for param in with_grad]
         for param, state in zip(with_grad, states):
             if not state:
-                dtype = state_dtype(param)
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(
-                    param, dtype=dtype, memory_format=torch.preserve_format
-                )
-                state["exp_avg_sq"] = torch.zeros_like(
-                    param, dtype=dtype, memory_format=torch.preserve_format
-                )
-                state["slow_param"] = param.detach().to(dtype, copy=True)
+                _init_state(param, state)
+        for param, state in params_whose_state_moved(with_grad, states):
+            move_state_to_param(state, param)
         for state in states:
             state["step"] += 1
         # Comprehensions: a model of many small tensors pays this per tensor on every step.
@@ -192,14 +192,14 @@ class Ranger(LookaheadControls, Optimizer):
         steps += [state["step"] for state in states]
         params += with_grad
 
-    @property
-    def _gc_checked_params(self) -> set[int]:
-        # ids of params that passed `_check_gc_supported`; the groups keep them alive, so an id
-        # is not reused while its param can still be stepped.
-        checked = self.__dict__.get("_gc_checked")
-        if checked is None:
-            checked = self.__dict__["_gc_checked"] = set()
-        return checked
+    def _check_gc_supported(self, params: list[torch.Tensor]) -> None:
+        # The check looks at marks a param keeps for life, so each param is checked once.
+        # Kept by id with a weak reference, so a new param that reuses a dead one's id is
+        # still checked, and the optimizer keeps no param alive.
+        checked = self.__dict__.setdefault("_gc_checked", {})
+        for param in [p for p in params if (seen := checked.get(id(p))) is None or seen() is not p]:
+            _check_gc_supported(param)
+            checked[id(param)] = weakref.ref(param)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -209,11 +209,10 @@ class Ranger(LookaheadControls, Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Wave layouts of the default path, per group, reused while the params stay the same.
+        # The default path keeps the wave layout of each group between steps (see
+        # `_multi_tensor._cached_plan`, which checks that it still fits before using it).
         plan_caches = self.__dict__.setdefault("_plan_caches", {})
         for group_index, group in enumerate(self.param_groups):
-            if group.get("fused") and fused_step(self, group_index, group):
-                continue
             params, grads, exp_avgs, exp_avg_sqs, slow_params, steps = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
             if not params:
@@ -226,33 +225,69 @@ class Ranger(LookaheadControls, Optimizer):
                 slow_params,
                 steps,
                 foreach=group["foreach"],
+                fused=group["fused"],
                 plan_cache=plan_caches.setdefault(group_index, {}),
                 **step_hyperparameters(group),
             )
         return loss
 
 
-def check_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise a `ValueError` naming the first out-of-range hyperparameter."""
-    lr = group["lr"]
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid lr: {lr!r} (must be >= 0)")
+def _init_state(param: torch.Tensor, state: dict[str, Any]) -> None:
+    """A param's state at its first step: zero moments, slow weights from the param."""
+    dtype = state_dtype(param)
+    state["step"] = 0
+    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    state["slow_param"] = param.detach().to(dtype, copy=True)
+
+
+# The group keys `step()` reads, and the flags that groups of older versions may lack
+# (`__setstate__` fills those in).
+REQUIRED_GROUP_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "lookahead_k",
+    "lookahead_alpha",
+    "use_gc",
+)
+OPTIONAL_GROUP_DEFAULTS = {
+    "foreach": None,
+    "fused": False,
+    "gc_conv_only": False,
+    "rectify_threshold": 5.0,
+}
+
+
+def check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
+    """Raise a `ValueError` naming the first missing or out-of-range hyperparameter.
+
+    ``where`` says which group, for messages about a loaded state dict."""
+    missing = [key for key in REQUIRED_GROUP_KEYS if key not in group]
+    if missing:
+        raise ValueError(f"{where}missing hyperparameter {missing[0]!r}")
+    check_real("lr", group["lr"], low=0.0, where=where, tensor_ok=True)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+        raise ValueError(f"{where}Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
     for index, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid betas[{index}]: {beta!r} (must be in [0, 1))")
-    if not group["eps"] > 0.0:
-        raise ValueError(f"Invalid eps: {group['eps']!r} (must be > 0)")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"Invalid weight_decay: {group['weight_decay']!r} (must be >= 0)")
-    check_lookahead_args(group["lookahead_k"], group["lookahead_alpha"])
-    if not group["rectify_threshold"] >= 4.0:
-        raise ValueError(
-            f"Invalid rectify_threshold: {group['rectify_threshold']!r} (must be >= 4, "
-            "since the rectification term needs rho_t > 4)"
-        )
+        check_real(f"betas[{index}]", beta, low=0.0, high=1.0, high_open=True, where=where)
+    check_real("eps", group["eps"], low=0.0, low_open=True, where=where)
+    check_real("weight_decay", group["weight_decay"], low=0.0, where=where)
+    check_lookahead_args(group["lookahead_k"], group["lookahead_alpha"], where=where)
+    check_real(
+        "rectify_threshold",
+        group.get("rectify_threshold", 5.0),
+        low=4.0,
+        where=where,
+        why="the rectification term needs rho_t > 4",
+    )
+    for flag in ("use_gc", "gc_conv_only", "fused"):
+        if not isinstance(group.get(flag, False), bool):
+            raise ValueError(f"{where}Invalid {flag}: {group[flag]!r} (must be True or False)")
+    if group.get("foreach") not in (None, True, False):
+        raise ValueError(f"{where}Invalid foreach: {group['foreach']!r} (must be None or a bool)")
 
 
 def _check_gc_supported(param: torch.Tensor) -> None:
@@ -329,16 +364,21 @@ def ranger(
     steps: list[int],
     *,
     foreach: bool | None = None,
+    fused: bool = False,
     plan_cache: dict | None = None,
     **hyperparameters: Any,
 ) -> None:
-    """Functional Ranger: picks the multi-tensor path unless told otherwise.
+    """Functional Ranger: the fused step if asked for, else the multi-tensor path unless
+    ``foreach=False``.
 
     ``steps`` are the parameters' step counts *after* this step's increment. ``plan_cache``
     lets the multi-tensor path keep its wave layout between calls (`Ranger.step` keeps one
     per param group).
     """
     lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
+    if fused:
+        fused_ranger(*lists, **hyperparameters)
+        return
     if foreach is None:
         # foreach kernels want plain strided tensors; DTensors dispatch them per shard.
         foreach = all(p.layout == torch.strided for p in params)
@@ -346,3 +386,34 @@ def ranger(
         _multi_tensor_ranger(*lists, **hyperparameters, plan_cache=plan_cache)
     else:
         _single_tensor_ranger(*lists, **hyperparameters)
+
+
+def _check_ranger_state_dict(optimizer: Ranger, state_dict: dict[str, Any]) -> None:
+    check_state_dict_matches(optimizer, state_dict)
+    for index, group in enumerate(state_dict["param_groups"]):
+        where = f"group {index} of the loaded state dict: "
+        _check_not_foreign(group, where)
+        check_hyperparameters({**OPTIONAL_GROUP_DEFAULTS, **group}, where=where)
+    check_param_states(optimizer, state_dict, "step", STATE_TENSOR_KEYS)
+
+
+# Group keys that mark the state dicts of other Ranger implementations and of RAdam.
+_FOREIGN_GROUP_KEYS = {
+    "N_sma_threshhold": "torch_optimizer.Ranger or the original ranger2020.py",
+    "n_sma_threshold": "pytorch_optimizer.Ranger",
+    "lookahead_step": "timm's Lookahead",
+    "decoupled_weight_decay": "torch.optim.RAdam",
+}
+
+
+def _check_not_foreign(group: dict[str, Any], where: str) -> None:
+    if all(key in group for key in ("lookahead_k", "lookahead_alpha", "use_gc")):
+        return
+    guesses = [name for key, name in _FOREIGN_GROUP_KEYS.items() if key in group]
+    origin = f" (it looks like {guesses[0]}'s)" if guesses else ""
+    missing = next(key for key in ("lookahead_k", "lookahead_alpha", "use_gc") if key not in group)
+    raise ValueError(
+        f"{where}missing {missing!r}: this is not a ranger_plugins Ranger state dict{origin}. "
+        "Other optimizers keep their moments and slow weights differently; load the model "
+        "weights only and start the optimizer afresh."
+    )

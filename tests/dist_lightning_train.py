@@ -30,7 +30,7 @@ from lightning_helpers import CrashAt, SimulatedCrash
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ranger_plugins import _fused
+from ranger_plugins import _cpu_kernel
 from ranger_plugins.lightning import LookaheadCallback, ranger_optimizers
 
 TRAIN = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
@@ -172,15 +172,23 @@ def train(
         "steps": sorted({optimizer.state[p]["step"] for p in params.values()}),
         "global_step": trainer.global_step,
         "validated_on_slow_weights": model.validated_on_slow_weights,
-        # Fused runs: params whose gradients the fused step read where DDP left them.
-        "fused_own_blocks": sum(
-            len(flat_group.own_blocks)
-            for flat_groups in _fused._caches[optimizer].groups.values()
-            for flat_group in flat_groups
-        )
-        if fused
-        else 0,
+        # Fused runs: (params given, params stepped) of each call of the C++ kernel.
+        "fused_kernel_calls": KERNEL_CALLS,
     }
+
+
+KERNEL_CALLS: list[tuple[int, int]] = []  # (given, stepped) per call of the C++ kernel
+
+
+def _count_kernel_calls() -> None:
+    kernel = _cpu_kernel.step_kernel()
+
+    def counting_kernel(params, *args):
+        not_stepped = kernel(params, *args)
+        KERNEL_CALLS.append((len(params), len(params) - len(not_stepped)))
+        return not_stepped
+
+    _cpu_kernel._kernel = counting_kernel
 
 
 def main() -> None:
@@ -188,9 +196,7 @@ def main() -> None:
     use_gc = "--no-gc" not in sys.argv
     fused = "--fused" in sys.argv
     if fused:
-        # The tiny weights get kernel calls of their own and their gradients are read where
-        # DDP left them, as a large model's would be.
-        _fused._OWN_NUMEL = 64
+        _count_kernel_calls()
     checkpoint, stop_at_step, resume = None, None, False
     if "--stop-and-save" in sys.argv:
         checkpoint, stop_at_step = sys.argv[sys.argv.index("--stop-and-save") + 1], 10
