@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import warnings
 
@@ -47,6 +48,7 @@ def _make_model_class(base):
             schedule: str = "flat_cos",
             manual: bool = False,
             lr: float = 2e-2,
+            total_steps: int | None = None,
         ) -> None:
             super().__init__()
             self.save_hyperparameters()
@@ -56,8 +58,13 @@ def _make_model_class(base):
             self.lrs: list[float] = []
 
         def configure_optimizers(self):
+            hparams = self.hparams
             return ranger_optimizers(
-                self, lr=self.hparams.lr, schedule=self.hparams.schedule, k=self.hparams.k
+                self,
+                lr=hparams.lr,
+                schedule=hparams.schedule,
+                k=hparams.k,
+                total_steps=hparams.total_steps,
             )
 
         def training_step(self, batch, batch_idx):
@@ -104,10 +111,18 @@ def _make_model_class(base):
 RangerModel = _make_model_class(BoringModel)
 
 
-def _trainer(tmp_path=None, callbacks=(), checkpointing=False, lookahead=True, **kwargs):
+def _trainer(
+    tmp_path=None,
+    callbacks=(),
+    checkpointing=False,
+    lookahead=True,
+    weights_after_fit="synced",
+    **kwargs,
+):
     kwargs.setdefault("max_epochs", 2)
     kwargs.setdefault("num_sanity_val_steps", 0)
-    callbacks = list(callbacks) + ([LookaheadCallback()] if lookahead else [])
+    lookahead_callbacks = [LookaheadCallback(weights_after_fit)] if lookahead else []
+    callbacks = list(callbacks) + lookahead_callbacks
     return lp.Trainer(
         accelerator="cpu",
         devices=1,
@@ -452,6 +467,114 @@ def test_resume_after_crash_matches_uninterrupted_run_bitwise(tmp_path, precisio
     )
     assert resumed.lrs == uninterrupted.lrs[8:]
     assert all(resumed.validated_on_slow_weights)
+
+
+# Checkpoints written when fit has ended. The first run is shorter than the uninterrupted one;
+# both follow the uninterrupted run's schedule (total_steps), so they can be compared.
+LONG_EPOCHS = 3
+LONG_STEPS = LONG_EPOCHS * len(TRAIN) // BATCH  # 24; k = 6: one epoch ends between syncs
+
+
+class _RecordBeforeFinish(Callback):
+    """The training state when training ends, before `LookaheadCallback.on_train_end` (listed
+    after this callback) leaves the model holding ``weights_after_fit``."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.fast = _params(pl_module)
+        self.state = _optimizer_state(trainer.optimizers[0])
+
+
+class StepIndexedModel(RangerModel):
+    """Trains on the batch of its optimizer step count, not the one the DataLoader gives:
+    Lightning resumes a plain DataLoader mid-epoch from its first batch, so the data of a
+    resumed run would otherwise differ from the uninterrupted run's."""
+
+    def training_step(self, batch, batch_idx):
+        steps_per_epoch = len(TRAIN) // BATCH
+        start = self.trainer.global_step % steps_per_epoch * BATCH
+        return super().training_step(TRAIN[start : start + BATCH], batch_idx)
+
+
+@functools.cache
+def _uninterrupted_long_run(weights_after_fit):
+    torch.manual_seed(0)
+    model = StepIndexedModel(total_steps=LONG_STEPS)
+    trainer = _trainer(max_epochs=LONG_EPOCHS, weights_after_fit=weights_after_fit)
+    trainer.fit(model)
+    return _params(model), _optimizer_state(trainer.optimizers[0]), model.lrs
+
+
+def _assert_resumes_like_the_uninterrupted_run(path, weights_after_fit, from_step):
+    params, state, lrs = _uninterrupted_long_run(weights_after_fit)
+    torch.manual_seed(1)  # a different init: everything must come from the checkpoint
+    resumed = StepIndexedModel(total_steps=LONG_STEPS)
+    trainer = _trainer(max_epochs=LONG_EPOCHS, weights_after_fit=weights_after_fit)
+    trainer.fit(resumed, ckpt_path=path)
+    assert trainer.global_step == LONG_STEPS
+    _assert_bitwise(_params(resumed), params)
+    _assert_same_state(_optimizer_state(trainer.optimizers[0]), state)
+    assert resumed.lrs == lrs[from_step:] and len(lrs) == LONG_STEPS
+
+
+@pytest.mark.parametrize("weights_after_fit", ["synced", "slow", "fast"])
+@pytest.mark.parametrize("written_by", ["last.ckpt in on_train_end", "save_checkpoint after fit"])
+def test_checkpoint_written_after_fit_resumes_like_one_longer_run(
+    tmp_path, written_by, weights_after_fit
+):
+    before_finish = _RecordBeforeFinish()
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    save_last = written_by.startswith("last.ckpt")
+    torch.manual_seed(0)
+    model = StepIndexedModel(total_steps=LONG_STEPS)
+    trainer = _trainer(
+        tmp_path,
+        callbacks=[before_finish, *([last] if save_last else [])],
+        checkpointing=save_last,
+        max_epochs=1,
+        weights_after_fit=weights_after_fit,
+    )
+    trainer.fit(model)
+    after_fit = _params(model)
+    path = last.last_model_path if save_last else tmp_path / "after_fit.ckpt"
+    if not save_last:
+        trainer.save_checkpoint(path)
+    _assert_bitwise(_params(model), after_fit)  # saving left the end-of-fit weights alone
+
+    saved = torch.load(path, weights_only=True)
+    names = [name for name, _ in model.named_parameters()]
+    optimizer = trainer.optimizers[0]
+    # state_dict: the evaluation weights (the slow weights, which "synced" and "slow" leave
+    # in the model); beside them the training state from before the end of fit.
+    evaluated = [saved["state_dict"][name] for name in names]
+    _assert_bitwise(evaluated, [optimizer.state[p]["slow_param"] for p in model.parameters()])
+    if weights_after_fit != "fast":
+        _assert_bitwise(evaluated, after_fit)
+        assert not all(torch.equal(a, b) for a, b in zip(after_fit, before_finish.fast))
+    _assert_bitwise([saved[FAST_STATE_KEY][name] for name in names], before_finish.fast)
+    _assert_same_state(saved["optimizer_states"][0]["state"], before_finish.state)
+
+    _assert_resumes_like_the_uninterrupted_run(
+        path, weights_after_fit, from_step=len(TRAIN) // BATCH
+    )
+
+
+@pytest.mark.parametrize("weights_after_fit", ["synced", "slow", "fast"])
+def test_mid_epoch_checkpoint_resumes_like_one_longer_run(tmp_path, weights_after_fit):
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
+    torch.manual_seed(0)
+    model = StepIndexedModel(total_steps=LONG_STEPS)
+    trainer = _trainer(
+        tmp_path,
+        callbacks=[every, CrashAt(step=12)],
+        checkpointing=True,
+        max_epochs=LONG_EPOCHS,
+        weights_after_fit=weights_after_fit,
+    )
+    with pytest.raises(SimulatedCrash):
+        trainer.fit(model)
+    path = tmp_path / "epoch=1-step=10.ckpt"  # mid-epoch, between the syncs at 6 and 12
+    assert torch.load(path, weights_only=True)["global_step"] == 10
+    _assert_resumes_like_the_uninterrupted_run(path, weights_after_fit, from_step=10)
 
 
 def test_resume_without_the_callback_warns(tmp_path):
