@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from operator import itemgetter
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +48,31 @@ _SMALL_GC_NUMEL = 1 << 15
 _MIN_GATHERED_PIECES = 4
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+class _Bucket(NamedTuple):
+    """Params of one device, dtype and step count, with their gradients and state."""
+
+    step: int
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    slow_params: list[torch.Tensor]
+
+
+class _StepValues(NamedTuple):
+    """What one bucket's step applies, computed once per bucket."""
+
+    beta1_weight: float  # 1 - beta1
+    beta2: float | torch.Tensor
+    beta2_weight: float  # 1 - beta2
+    eps: float | torch.Tensor
+    decay: float | torch.Tensor | None  # 1 - lr * weight_decay; None without weight decay
+    neg_step_size: float  # -lr * the rectification multiplier
+    adaptive: bool
+    sync: bool
+    lookahead_alpha: float
 
 
 def _multi_tensor_ranger(
@@ -72,108 +98,119 @@ def _multi_tensor_ranger(
     """``plan_cache``: a dict the caller keeps between steps (one per param group); the wave
     layout of each bucket is stored there and reused while the bucket holds the same params
     and state tensors, so a steady-state step does no per-tensor planning in Python."""
+    for bucket in _buckets(params, grads, exp_avgs, exp_avg_sqs, slow_params, steps):
+        multiplier, adaptive = rectification(bucket.step, beta1, beta2, rectify_threshold)
+        work_dtype, device = bucket.exp_avgs[0].dtype, bucket.params[0].device
+        values = _StepValues(
+            beta1_weight=1.0 - beta1,
+            beta2=_scalar(beta2, work_dtype, device),
+            beta2_weight=1.0 - beta2,
+            eps=_scalar(eps, work_dtype, device),
+            decay=_scalar(1.0 - lr * weight_decay, work_dtype, device) if weight_decay else None,
+            neg_step_size=-lr * multiplier,
+            adaptive=adaptive,
+            sync=bucket.step % lookahead_k == 0,
+            lookahead_alpha=lookahead_alpha,
+        )
+        _step_bucket(bucket, values, use_gc, gc_conv_only, plan_cache)
+
+
+def _buckets(params, grads, exp_avgs, exp_avg_sqs, slow_params, steps) -> list[_Bucket]:
+    """The params split by (device, dtype, step): foreach kernels need one device and dtype,
+    and the step decides the step size and whether Lookahead syncs."""
+    lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params)
     if steps and steps.count(steps[0]) == len(steps) and _one_device_and_dtype(params):
-        buckets = {(params[0].device, params[0].dtype, steps[0]): None}  # None: all of them
+        return [_Bucket(steps[0], *lists)]
+    by_kind: dict[tuple, list[int]] = defaultdict(list)
+    for index, (param, step) in enumerate(zip(params, steps)):
+        by_kind[(param.device, param.dtype, step)].append(index)
+    return [
+        _Bucket(step, *([values[i] for i in indices] for values in lists))
+        for (_, _, step), indices in by_kind.items()
+    ]
+
+
+def _step_bucket(
+    bucket: _Bucket, values: _StepValues, use_gc: bool, gc_conv_only: bool, plan_cache
+) -> None:
+    """Plan the bucket's waves (or reuse the plan), step wave by wave, write back."""
+    param_dtype, work_dtype = bucket.params[0].dtype, bucket.exp_avgs[0].dtype
+    grads = bucket.grads
+    state = (bucket.exp_avgs, bucket.exp_avg_sqs, bucket.slow_params)
+    if param_dtype == work_dtype:
+        fast = bucket.params
+        settings = (fast[0].device, param_dtype, use_gc, gc_conv_only)
+        plan = _cached_plan(plan_cache, settings, fast, grads, *state)
+    else:  # bf16/fp16: work on fp32 copies (new every step: no plan to keep)
+        grads = [g.to(work_dtype) for g in grads]
+        fast = [p.to(work_dtype) for p in bucket.params]
+        plan = None
+    if plan is None:
+        plan = _Plan(fast, grads, *state, use_gc, gc_conv_only)
+    plan.centralize(grads)
+    scratch = _Scratch()
+    for wave in plan.waves:
+        _step_wave(wave, wave.grads(grads), values, scratch)
+    if fast is not bucket.params:
+        _copy_into(bucket.params, fast)
+
+
+def _step_wave(wave: _Wave, grads: list[torch.Tensor], values: _StepValues, scratch) -> None:
+    """All of a step's operations on one wave, in `_single_tensor_ranger`'s order."""
+    params, exp_avgs, exp_avg_sqs, slow_params = wave.state
+    for position, row_length in wave.gc_rows:
+        rows = grads[position].view(-1, row_length)
+        rows.sub_(rows.mean(dim=1, keepdim=True))
+    if values.decay is not None:
+        torch._foreach_mul_(params, values.decay)
+    if wave.flat is not None:
+        _step_gathered_wave(wave.flat, params, exp_avgs, grads, values)
     else:
-        buckets = defaultdict(list)
-        for index, (param, step) in enumerate(zip(params, steps)):
-            buckets[(param.device, param.dtype, step)].append(index)
-
-    for (device, param_dtype, step), indices in buckets.items():
-        if indices is None:
-            bucket_params, bucket_grads = params, grads
-            bucket_exp_avgs, bucket_exp_avg_sqs, bucket_slow = exp_avgs, exp_avg_sqs, slow_params
+        torch._foreach_lerp_(exp_avgs, grads, values.beta1_weight)
+        torch._foreach_mul_(exp_avg_sqs, values.beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, values.beta2_weight)
+        if values.adaptive:
+            denominators = scratch.sqrt(exp_avg_sqs)
+            torch._foreach_add_(denominators, values.eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denominators, values.neg_step_size)
+            del denominators
         else:
-            bucket_params = [params[i] for i in indices]
-            bucket_grads = [grads[i] for i in indices]
-            bucket_exp_avgs = [exp_avgs[i] for i in indices]
-            bucket_exp_avg_sqs = [exp_avg_sqs[i] for i in indices]
-            bucket_slow = [slow_params[i] for i in indices]
-        work_dtype = bucket_exp_avgs[0].dtype
-        if param_dtype == work_dtype:
-            fast = bucket_params
-            plan = _cached_plan(
-                plan_cache,
-                (device, param_dtype, use_gc, gc_conv_only),
-                fast,
-                bucket_grads,
-                bucket_exp_avgs,
-                bucket_exp_avg_sqs,
-                bucket_slow,
-            )
-        else:  # bf16/fp16: work on fp32 copies (new every step: no plan to keep)
-            bucket_grads = [g.to(work_dtype) for g in bucket_grads]
-            fast = [p.to(work_dtype) for p in bucket_params]
-            plan = None
-        if plan is None:
-            plan = _Plan(
-                fast,
-                bucket_grads,
-                bucket_exp_avgs,
-                bucket_exp_avg_sqs,
-                bucket_slow,
-                use_gc,
-                gc_conv_only,
-            )
+            torch._foreach_add_(params, exp_avgs, alpha=values.neg_step_size)
+    if values.sync:
+        torch._foreach_lerp_(slow_params, params, values.lookahead_alpha)
+        _copy_into(params, slow_params)
 
-        multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
-        sync = step % lookahead_k == 0
-        beta2_scalar = _scalar(beta2, work_dtype, device)
-        eps_scalar = _scalar(eps, work_dtype, device)
-        decay = _scalar(1.0 - lr * weight_decay, work_dtype, device)
-        plan.centralize(bucket_grads)
-        scratch = None  # one wave's sqrt(v) + eps, reused across the single-chunk waves
-        for wave in plan.waves:
-            wave_params, wave_exp_avgs, wave_exp_avg_sqs, wave_slow = wave.state
-            wave_grads = wave.grads(bucket_grads)
-            for position, row_length in wave.gc_rows:
-                rows = wave_grads[position].view(-1, row_length)
-                rows.sub_(rows.mean(dim=1, keepdim=True))
-            if weight_decay != 0:
-                torch._foreach_mul_(wave_params, decay)
-            # Flat moments: one operation each, not one per tensor.
-            if wave.flat is not None:
-                exp_avg_flat, exp_avg_sq_flat, scratch_flat, scratch_views = wave.flat
-                torch._foreach_copy_(scratch_views, wave_grads)  # the gradients, flat
-                exp_avg_flat.lerp_(scratch_flat, 1.0 - beta1)
-                exp_avg_sq_flat.mul_(beta2)
-                exp_avg_sq_flat.addcmul_(scratch_flat, scratch_flat, value=1.0 - beta2)
-                if adaptive:  # the gradients are used up: the scratch takes sqrt(v) + eps
-                    torch.sqrt(exp_avg_sq_flat, out=scratch_flat)
-                    scratch_flat.add_(eps)
-                    torch._foreach_addcdiv_(
-                        wave_params, wave_exp_avgs, scratch_views, -lr * multiplier
-                    )
-                else:
-                    torch._foreach_add_(wave_params, wave_exp_avgs, alpha=-lr * multiplier)
-                if sync:
-                    torch._foreach_lerp_(wave_slow, wave_params, lookahead_alpha)
-                    _copy_into(wave_params, wave_slow)
-                continue
-            torch._foreach_lerp_(wave_exp_avgs, wave_grads, 1.0 - beta1)
-            torch._foreach_mul_(wave_exp_avg_sqs, beta2_scalar)
-            torch._foreach_addcmul_(wave_exp_avg_sqs, wave_grads, wave_grads, 1.0 - beta2)
-            if adaptive:
-                if len(wave_exp_avg_sqs) == 1 and wave_exp_avg_sqs[0].numel() <= _WAVE_NUMEL:
-                    # A chunk of a large tensor: a fresh buffer this size would be mapped anew
-                    # (page faults) on every wave.
-                    (exp_avg_sq,) = wave_exp_avg_sqs
-                    if scratch is None or scratch.numel() < exp_avg_sq.numel():
-                        scratch = torch.empty(exp_avg_sq.numel(), dtype=work_dtype, device=device)
-                    view = scratch[: exp_avg_sq.numel()].view(exp_avg_sq.shape)
-                    denominators = [torch.sqrt(exp_avg_sq, out=view)]
-                else:
-                    denominators = torch._foreach_sqrt(wave_exp_avg_sqs)
-                torch._foreach_add_(denominators, eps_scalar)
-                torch._foreach_addcdiv_(wave_params, wave_exp_avgs, denominators, -lr * multiplier)
-                del denominators
-            else:
-                torch._foreach_add_(wave_params, wave_exp_avgs, alpha=-lr * multiplier)
-            if sync:
-                torch._foreach_lerp_(wave_slow, wave_params, lookahead_alpha)
-                _copy_into(wave_params, wave_slow)
-        if fast is not bucket_params:
-            _copy_into(bucket_params, fast)
+
+def _step_gathered_wave(flat: _Gathered, params, exp_avgs, grads, values: _StepValues) -> None:
+    """The moments of a gathered wave as one operation each, not one per tensor."""
+    torch._foreach_copy_(flat.scratch_views, grads)  # the gradients, flat
+    flat.exp_avg.lerp_(flat.scratch, values.beta1_weight)
+    flat.exp_avg_sq.mul_(values.beta2)
+    flat.exp_avg_sq.addcmul_(flat.scratch, flat.scratch, value=values.beta2_weight)
+    if values.adaptive:  # the gradients are used up: the scratch takes sqrt(v) + eps
+        torch.sqrt(flat.exp_avg_sq, out=flat.scratch)
+        flat.scratch.add_(values.eps)
+        torch._foreach_addcdiv_(params, exp_avgs, flat.scratch_views, values.neg_step_size)
+    else:
+        torch._foreach_add_(params, exp_avgs, alpha=values.neg_step_size)
+
+
+class _Scratch:
+    """sqrt(v) + eps of a wave. A wave that is one chunk of a large tensor reuses one buffer
+    across the bucket's waves: a fresh buffer this size would be mapped anew (page faults) on
+    every wave."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def sqrt(self, exp_avg_sqs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(exp_avg_sqs) != 1 or exp_avg_sqs[0].numel() > _WAVE_NUMEL:
+            return torch._foreach_sqrt(exp_avg_sqs)
+        (exp_avg_sq,) = exp_avg_sqs
+        numel = exp_avg_sq.numel()
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = exp_avg_sq.new_empty(numel)
+        return [torch.sqrt(exp_avg_sq, out=self._buffer[:numel].view(exp_avg_sq.shape))]
 
 
 def _one_device_and_dtype(params: list[torch.Tensor]) -> bool:
@@ -183,7 +220,11 @@ def _one_device_and_dtype(params: list[torch.Tensor]) -> bool:
 
 
 def _cached_plan(cache, settings, params, grads, exp_avgs, exp_avg_sqs, slow_params):
-    """The plan of this bucket from ``cache`` if it still fits, else a new one (stored)."""
+    """The plan of this bucket from ``cache`` if it still fits, else a new one (stored).
+
+    The one invalidation rule: a plan is reused only for the same params and state tensors
+    (the key, by identity; the plan holds them, so no id is reused while it lives), whose
+    storage has not moved (`_Plan.fits`), with gradients of the same layout."""
     if cache is None:
         return None
     key = (
@@ -252,21 +293,47 @@ def _views_like(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.T
     return views
 
 
+class _Piece(NamedTuple):
+    """A whole tensor of a bucket, or a row-aligned chunk of a large one, in a wave."""
+
+    numel: int
+    index: int  # the tensor's position in the bucket
+    span: tuple[int, int] | None  # (start, end) elements of a chunk; None: the whole tensor
+    param: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    slow: torch.Tensor
+    gc_row_length: int | None  # centralized in its wave, in rows of this length
+
+
+class _Gathered(NamedTuple):
+    """A gathered wave's flat moments (the state tensors are views of them) and scratch."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    scratch: torch.Tensor  # the gradients, then sqrt(v) + eps
+    scratch_views: list[torch.Tensor]  # shaped like the wave's tensors
+
+
 class _Wave:
     """One wave: its param and state pieces (fixed), and how to cut its gradient pieces."""
 
-    def __init__(self, pieces: list[tuple]) -> None:
-        # piece: (numel, index, span or None, p, m, v, slow, gc row length or None)
-        _, indices, spans, wave_params, wave_exp_avgs, wave_exp_avg_sqs, wave_slow, rows = map(
-            list, zip(*pieces)
+    def __init__(self, pieces: list[_Piece]) -> None:
+        self.state = tuple(
+            [getattr(piece, name) for piece in pieces]
+            for name in ("param", "exp_avg", "exp_avg_sq", "slow")
         )
-        self.state = (wave_params, wave_exp_avgs, wave_exp_avg_sqs, wave_slow)
-        self.numel = sum(piece[0] for piece in pieces)
-        self._indices = indices
+        self.numel = sum(piece.numel for piece in pieces)
+        self._indices = [piece.index for piece in pieces]
+        spans = [piece.span for piece in pieces]
         self._spans = spans if any(span is not None for span in spans) else None
-        self._pick = itemgetter(*indices)
-        self.gc_rows = [(pos, length) for pos, length in enumerate(rows) if length is not None]
-        self.flat: tuple | None = None  # set by `gather`
+        self._pick = itemgetter(*self._indices)
+        self.gc_rows = [
+            (position, piece.gc_row_length)
+            for position, piece in enumerate(pieces)
+            if piece.gc_row_length is not None
+        ]
+        self.flat: _Gathered | None = None  # set by `gather`
 
     def can_gather(self) -> bool:
         """Whether `gather` applies: many whole small tensors with plain contiguous state."""
@@ -281,23 +348,19 @@ class _Wave:
         per tensor. The step gathers the gradients into ``buffer`` (one `_foreach_copy_`) and,
         once the moments no longer need them, puts sqrt(v) + eps there."""
         _, exp_avgs, exp_avg_sqs, _ = self.state
-        numel = self.numel
-        flat = buffer[:numel]
-        self.flat = (
-            _relocate(exp_avgs, numel),
-            _relocate(exp_avg_sqs, numel),
-            flat,
-            _views_like(flat, exp_avgs),
+        scratch = buffer[: self.numel]
+        self.flat = _Gathered(
+            _relocate(exp_avgs, self.numel),
+            _relocate(exp_avg_sqs, self.numel),
+            scratch,
+            _views_like(scratch, exp_avgs),
         )
+        self._gathered_pointers = [t.data_ptr() for t in exp_avgs + exp_avg_sqs]
 
     def gathered_in_place(self) -> bool:
-        """Whether the moments still live in the flat buffers `gather` made."""
-        exp_avg_flat, exp_avg_sq_flat = self.flat[:2]
+        """Whether every moment still lives where `gather` put it."""
         _, exp_avgs, exp_avg_sqs, _ = self.state
-        return (
-            exp_avgs[0].data_ptr() == exp_avg_flat.data_ptr()
-            and exp_avg_sqs[0].data_ptr() == exp_avg_sq_flat.data_ptr()
-        )
+        return [t.data_ptr() for t in exp_avgs + exp_avg_sqs] == self._gathered_pointers
 
     def grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """This wave's gradient pieces, cut from the step's gradients."""
@@ -319,83 +382,68 @@ class _Plan:
     """
 
     def __init__(self, params, grads, exp_avgs, exp_avg_sqs, slow_params, use_gc, gc_conv_only):
-        total = sum(p.numel() for p in params)
-        if params and params[0].device.type == "cpu":
-            wave_numel = min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 12))
-        else:
-            # On a GPU each wave costs a kernel launch per operation and the foreach kernels
-            # already stream well: a dozen waves at most, just to bound the sqrt temporary
-            # (~8% of params).
-            wave_numel = max(_ACCELERATOR_MIN_WAVE_NUMEL, total // 12)
-        self.wave_numel = wave_numel
+        self.wave_numel = _wave_numel(params)
         self._gc_conv_only = gc_conv_only
         self._single_gc: list[int] = []  # gradients centralized one by one
         self._contiguous_grads: list[int] = []  # gradients the plan views as flat or rows
         self._chunked: list[tuple] = []  # (param, state, their data_ptrs) of cut tensors
-        pieces: list[tuple] = []
-        small_gc: dict[int, list[int]] = defaultdict(list)
-        for index, (param, grad, exp_avg, exp_avg_sq, slow) in enumerate(
-            zip(params, grads, exp_avgs, exp_avg_sqs, slow_params)
-        ):
-            numel = param.numel()
-            gc = use_gc and numel > 0 and _gc_applies(grad, gc_conv_only)
-            tensors = (param, grad, exp_avg, exp_avg_sq, slow)
-            chunkable = numel > wave_numel and _chunkable(*tensors)
-            if not chunkable:
-                rows = None
-                if gc:
-                    if not _chunkable(grad):
-                        self._single_gc.append(index)
-                    elif numel < _SMALL_GC_NUMEL:
-                        small_gc[numel // grad.shape[0]].append(index)
-                        self._contiguous_grads.append(index)
-                    else:  # centralized in its wave, while it is in cache
-                        rows = numel // grad.shape[0]
-                        self._contiguous_grads.append(index)
-                pieces.append((numel, index, None, param, exp_avg, exp_avg_sq, slow, rows))
-                continue
-            self._contiguous_grads.append(index)
-            owned = (param, exp_avg, exp_avg_sq, slow)
-            self._chunked.append((owned, tuple(t.data_ptr() for t in owned)))
-            row_length = numel // grad.shape[0] if gc else 1
-            chunk = max(1, wave_numel // row_length) * row_length
-            flats = [t.view(-1) for t in owned]
-            for start in range(0, numel, chunk):
-                views = [flat[start : start + chunk] for flat in flats]
-                span = (start, start + views[0].numel())
-                pieces.append((views[0].numel(), index, span, *views, row_length if gc else None))
-        # Batches of same-row-length gradients whose concatenated copy stays within a wave.
+        self._small_gc: dict[int, list[int]] = defaultdict(list)  # row length -> indices
+        pieces: list[_Piece] = []
+        for index, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, slow_params)):
+            gc = use_gc and tensors[0].numel() > 0 and _gc_applies(tensors[1], gc_conv_only)
+            pieces += self._pieces(index, tensors, gc)
         self._gc_batches: list[tuple] = []
-        for same_length in small_gc.values():
-            batch: list[int] = []
-            batch_numel = 0
-            for index in same_length:
-                numel = grads[index].numel()
-                if batch and batch_numel + numel > wave_numel:
-                    self._add_gc_batch(batch, grads)
-                    batch, batch_numel = [], 0
-                batch.append(index)
-                batch_numel += numel
-            self._add_gc_batch(batch, grads)
-
-        self.waves: list[_Wave] = []
-        current: list[tuple] = []
-        current_numel = 0
-        # Chunks of large tensors first (a wave each), then whole tensors from the largest to
-        # the smallest: in parameter order a convnet's norm weights and biases would sit in
-        # waves of conv chunks, and those waves could neither use the one-chunk fast path nor
-        # be gathered into flat moments.
-        chunks = [piece for piece in pieces if piece[2] is not None]
-        whole = sorted((piece for piece in pieces if piece[2] is None), key=lambda piece: -piece[0])
-        for piece in chunks + whole:
-            if current and current_numel + piece[0] > wave_numel:
-                self.waves.append(_Wave(current))
-                current, current_numel = [], 0
-            current.append(piece)
-            current_numel += piece[0]
-        if current:
-            self.waves.append(_Wave(current))
+        for same_length in self._small_gc.values():
+            self._batch_small_gc(same_length, grads)
+        self.waves = _pack_waves(pieces, self.wave_numel)
         self._gathered: list[_Wave] | None = None  # None: `gather` not tried yet
+
+    def _pieces(self, index: int, tensors: tuple, gc: bool) -> list[_Piece]:
+        """The pieces of one tensor, and how its gradient is centralized."""
+        param, grad, exp_avg, exp_avg_sq, slow = tensors
+        numel = param.numel()
+        if numel > self.wave_numel and _chunkable(*tensors):
+            return self._chunks(index, tensors, gc)
+        rows = None
+        if gc and not _chunkable(grad):
+            self._single_gc.append(index)
+        elif gc and numel < _SMALL_GC_NUMEL:
+            self._small_gc[numel // grad.shape[0]].append(index)
+            self._contiguous_grads.append(index)
+        elif gc:  # centralized in its wave, while it is in cache
+            rows = numel // grad.shape[0]
+            self._contiguous_grads.append(index)
+        return [_Piece(numel, index, None, param, exp_avg, exp_avg_sq, slow, rows)]
+
+    def _chunks(self, index: int, tensors: tuple, gc: bool) -> list[_Piece]:
+        """Row-aligned chunks of a large contiguous tensor, a wave each."""
+        param, grad, exp_avg, exp_avg_sq, slow = tensors
+        numel = param.numel()
+        self._contiguous_grads.append(index)
+        owned = (param, exp_avg, exp_avg_sq, slow)
+        self._chunked.append((owned, tuple(t.data_ptr() for t in owned)))
+        row_length = numel // grad.shape[0] if gc else 1
+        chunk = max(1, self.wave_numel // row_length) * row_length
+        flats = [t.view(-1) for t in owned]
+        pieces = []
+        for start in range(0, numel, chunk):
+            views = [flat[start : start + chunk] for flat in flats]
+            span = (start, start + views[0].numel())
+            pieces.append(_Piece(views[0].numel(), index, span, *views, row_length if gc else None))
+        return pieces
+
+    def _batch_small_gc(self, same_length: list[int], grads: list[torch.Tensor]) -> None:
+        """Batches of same-row-length gradients whose concatenated copy stays within a wave."""
+        batch: list[int] = []
+        batch_numel = 0
+        for index in same_length:
+            numel = grads[index].numel()
+            if batch and batch_numel + numel > self.wave_numel:
+                self._add_gc_batch(batch, grads)
+                batch, batch_numel = [], 0
+            batch.append(index)
+            batch_numel += numel
+        self._add_gc_batch(batch, grads)
 
     def gather(self) -> None:
         """Gather the waves of many small tensors (`_Wave.gather`), once."""
@@ -441,3 +489,33 @@ class _Plan:
             # in arithmetic.
             means = torch.cat(matrices).mean(dim=1, keepdim=True)
             torch._foreach_sub_(matrices, list(means.split(rows)))
+
+
+def _wave_numel(params: list[torch.Tensor]) -> int:
+    total = sum(p.numel() for p in params)
+    if params and params[0].device.type == "cpu":
+        return min(_WAVE_NUMEL, max(_MIN_WAVE_NUMEL, total // 12))
+    # On a GPU each wave costs a kernel launch per operation and the foreach kernels already
+    # stream well: a dozen waves at most, just to bound the sqrt temporary (~8% of params).
+    return max(_ACCELERATOR_MIN_WAVE_NUMEL, total // 12)
+
+
+def _pack_waves(pieces: list[_Piece], wave_numel: int) -> list[_Wave]:
+    """Chunks of large tensors first (a wave each), then whole tensors from the largest to
+    the smallest: in parameter order a convnet's norm weights and biases would sit in waves
+    of conv chunks, and those waves could neither use the one-chunk scratch nor be gathered
+    into flat moments."""
+    chunks = [piece for piece in pieces if piece.span is not None]
+    whole = sorted((piece for piece in pieces if piece.span is None), key=lambda p: -p.numel)
+    waves: list[_Wave] = []
+    current: list[_Piece] = []
+    current_numel = 0
+    for piece in chunks + whole:
+        if current and current_numel + piece.numel > wave_numel:
+            waves.append(_Wave(current))
+            current, current_numel = [], 0
+        current.append(piece)
+        current_numel += piece.numel
+    if current:
+        waves.append(_Wave(current))
+    return waves
