@@ -5,11 +5,15 @@ launch the other rank by re-running this script), and imported by it for the sin
 reference run::
 
     python tests/dist_lightning_train.py {ddp,fsdp2} OUT_DIR [--no-gc] [--fused]
-        [--stop-and-save CKPT_DIR | --resume CKPT] [--full-checkpoint]
+        [--stop-and-save CKPT_DIR | --save-after-fit CKPT_DIR | --resume CKPT]
+        [--full-checkpoint]
 
 ``--stop-and-save`` checkpoints at the end of epoch 0 (``step=8.ckpt``, between two Lookahead
-syncs) and crashes at step 10; ``--resume`` starts from another initialisation and
-resumes from that checkpoint. Under fsdp2 a checkpoint is a directory of shards (Lightning's
+syncs) and crashes at step 10; ``--save-after-fit`` fits epoch 0 alone (on the schedule of the
+whole run) and checkpoints after the end-of-fit sync, as ``last.ckpt`` (written by
+``ModelCheckpoint`` in ``on_train_end``) and ``after_fit.ckpt`` (``trainer.save_checkpoint``
+after ``fit``); ``--resume`` starts from another initialisation and resumes from a
+checkpoint. Under fsdp2 a checkpoint is a directory of shards (Lightning's
 default), or one file with ``--full-checkpoint`` (``save_distributed_checkpoint=False``).
 
 Each rank writes OUT_DIR/rank{r}.pt with the full (gathered) fast and slow weights, the
@@ -43,9 +47,15 @@ class DistModel(BoringModel):
     """Two linear layers (GC applies to both weights) and a LayerNorm; fixed data."""
 
     def __init__(
-        self, per_rank_batch: int, use_gc: bool = True, fsdp2: bool = False, fused: bool = False
+        self,
+        per_rank_batch: int,
+        use_gc: bool = True,
+        fsdp2: bool = False,
+        fused: bool = False,
+        total_steps: int | None = None,
     ) -> None:
         super().__init__()
+        self.total_steps = total_steps
         self.fused = fused
         torch.manual_seed(0)
         self.layer = nn.Sequential(nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
@@ -72,6 +82,7 @@ class DistModel(BoringModel):
             use_gc=self.use_gc,
             eps=1e-5,
             schedule="one_cycle",
+            total_steps=self.total_steps,
             fused=self.fused,
         )
 
@@ -105,6 +116,26 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def _checkpoint_callbacks(
+    stop_at_step: int | None, checkpoint: str | None, save_after_fit: bool
+) -> list[lp.Callback]:
+    if save_after_fit:
+        # save_top_k=0: last.ckpt is written once, in on_train_end, after the end-of-fit sync.
+        return [lp.callbacks.ModelCheckpoint(dirpath=checkpoint, save_last=True, save_top_k=0)]
+    if not stop_at_step:
+        return []
+    # Saved during training, at the end of each epoch, as a crashed run would have it.
+    return [
+        CrashAt(stop_at_step),
+        lp.callbacks.ModelCheckpoint(
+            dirpath=checkpoint,  # a directory: step=8.ckpt, step=10.ckpt
+            filename="{step}",
+            save_top_k=-1,
+            save_on_train_epoch_end=True,  # not after each validation (steps 3 and 6)
+        ),
+    ]
+
+
 def train(
     strategy: str,
     devices: int,
@@ -115,25 +146,16 @@ def train(
     checkpoint: str | None = None,
     resume: bool = False,
     full_checkpoint: bool = False,
+    save_after_fit: bool = False,
 ) -> dict:
     """Fit and return the full fast/slow weights and what validation saw."""
     fsdp2 = strategy == "fsdp2"
     if resume:
         torch.manual_seed(1)  # a different init: everything must come from the checkpoint
-    model = DistModel(per_rank_batch, use_gc=use_gc, fsdp2=fsdp2, fused=fused)
-    extra_callbacks = []
-    if stop_at_step:
-        # Saved during training, at the end of each epoch, as a crashed run would have it; a
-        # checkpoint written after fit would hold the end-of-fit synced weights.
-        extra_callbacks.append(CrashAt(stop_at_step))
-        extra_callbacks.append(
-            lp.callbacks.ModelCheckpoint(
-                dirpath=checkpoint,  # a directory: step=8.ckpt, step=10.ckpt
-                filename="{step}",
-                save_top_k=-1,
-                save_on_train_epoch_end=True,  # not after each validation (steps 3 and 6)
-            )
-        )
+    # A run of epoch 0 alone follows the schedule of the whole run.
+    total_steps = EPOCHS * len(TRAIN) // GLOBAL_BATCH if save_after_fit else None
+    model = DistModel(per_rank_batch, use_gc, fsdp2, fused, total_steps)
+    extra_callbacks = _checkpoint_callbacks(stop_at_step, checkpoint, save_after_fit)
     if fsdp2:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -146,7 +168,7 @@ def train(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        max_epochs=EPOCHS,
+        max_epochs=1 if save_after_fit else EPOCHS,
         max_steps=int(os.environ.get("DIST_TEST_MAX_STEPS", -1)),
         val_check_interval=3,
         callbacks=[LookaheadCallback(), *extra_callbacks],
@@ -161,6 +183,8 @@ def train(
         trainer.fit(model, ckpt_path=checkpoint if resume else None)
     except SimulatedCrash:
         pass  # every rank crashes at the same step; what it saved before is what counts
+    if save_after_fit:
+        trainer.save_checkpoint(os.path.join(checkpoint, "after_fit.ckpt"))
     optimizer = trainer.optimizers[0]
     params = dict(model.named_parameters())
     return {
@@ -198,8 +222,11 @@ def main() -> None:
     if fused:
         _count_kernel_calls()
     checkpoint, stop_at_step, resume = None, None, False
+    save_after_fit = "--save-after-fit" in sys.argv
     if "--stop-and-save" in sys.argv:
         checkpoint, stop_at_step = sys.argv[sys.argv.index("--stop-and-save") + 1], 10
+    elif save_after_fit:
+        checkpoint = sys.argv[sys.argv.index("--save-after-fit") + 1]
     elif "--resume" in sys.argv:
         checkpoint, resume = sys.argv[sys.argv.index("--resume") + 1], True
     torch.set_num_threads(1)
@@ -213,6 +240,7 @@ def main() -> None:
         checkpoint=checkpoint,
         resume=resume,
         full_checkpoint="--full-checkpoint" in sys.argv,
+        save_after_fit=save_after_fit,
     )
     torch.save(result, os.path.join(out_dir, f"rank{result['rank']}.pt"))
     # A clean gloo exit: without this, process teardown can abort with
