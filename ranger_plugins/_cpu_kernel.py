@@ -22,6 +22,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import torch
 
@@ -118,7 +119,8 @@ def _user_stacklevel() -> int:
     """The stacklevel of the first frame outside this package and torch, so a warning
     points at the user's ``optimizer.step()``."""
     internal = (_PACKAGE_DIR, os.path.dirname(torch.__file__))
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1
     return level

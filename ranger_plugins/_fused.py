@@ -44,9 +44,8 @@ def fused_ranger(
     for indices in _indices_by_step(steps):
         not_stepped += _kernel_step(kernel, lists, indices, **hyperparameters)
     if not_stepped:
-        _multi_tensor_ranger(
-            *([values[i] for i in not_stepped] for values in lists), **hyperparameters
-        )
+        rest = [[values[i] for i in not_stepped] for values in lists]
+        _multi_tensor_ranger(*rest, **hyperparameters)  # type: ignore[arg-type]
 
 
 def _kernel_may_apply(params: list[torch.Tensor]) -> bool:

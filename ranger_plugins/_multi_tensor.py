@@ -205,7 +205,7 @@ class _Scratch:
 
     def sqrt(self, exp_avg_sqs: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(exp_avg_sqs) != 1 or exp_avg_sqs[0].numel() > _WAVE_NUMEL:
-            return torch._foreach_sqrt(exp_avg_sqs)
+            return list(torch._foreach_sqrt(exp_avg_sqs))
         (exp_avg_sq,) = exp_avg_sqs
         numel = exp_avg_sq.numel()
         if self._buffer is None or self._buffer.numel() < numel:
@@ -297,7 +297,7 @@ class _Piece(NamedTuple):
     """A whole tensor of a bucket, or a row-aligned chunk of a large one, in a wave."""
 
     numel: int
-    index: int  # the tensor's position in the bucket
+    position: int  # the tensor's position in the bucket
     span: tuple[int, int] | None  # (start, end) elements of a chunk; None: the whole tensor
     param: torch.Tensor
     exp_avg: torch.Tensor
@@ -324,7 +324,7 @@ class _Wave:
             for name in ("param", "exp_avg", "exp_avg_sq", "slow")
         )
         self.numel = sum(piece.numel for piece in pieces)
-        self._indices = [piece.index for piece in pieces]
+        self._indices = [piece.position for piece in pieces]
         spans = [piece.span for piece in pieces]
         self._spans = spans if any(span is not None for span in spans) else None
         self._pick = itemgetter(*self._indices)
@@ -427,9 +427,24 @@ class _Plan:
         flats = [t.view(-1) for t in owned]
         pieces = []
         for start in range(0, numel, chunk):
-            views = [flat[start : start + chunk] for flat in flats]
-            span = (start, start + views[0].numel())
-            pieces.append(_Piece(views[0].numel(), index, span, *views, row_length if gc else None))
+            param_chunk, exp_avg_chunk, exp_avg_sq_chunk, slow_chunk = (
+                flat[start : start + chunk] for flat in flats
+            )
+            numel_chunk = param_chunk.numel()
+            span = (start, start + numel_chunk)
+            rows = row_length if gc else None
+            pieces.append(
+                _Piece(
+                    numel_chunk,
+                    index,
+                    span,
+                    param_chunk,
+                    exp_avg_chunk,
+                    exp_avg_sq_chunk,
+                    slow_chunk,
+                    rows,
+                )
+            )
         return pieces
 
     def _batch_small_gc(self, same_length: list[int], grads: list[torch.Tensor]) -> None:

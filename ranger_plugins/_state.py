@@ -54,13 +54,14 @@ def check_real(
                 f"{value.dtype} (must be a number or a one-element real tensor)"
             )
         number = value.item()
+    if isinstance(number, numbers.Real) and not isinstance(number, bool):
+        number = float(number)
     if high == math.inf:
         allowed = f"{'>' if low_open else '>='} {low:g}"
     else:
         allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     in_range = (
-        isinstance(number, numbers.Real)
-        and not isinstance(number, bool)
+        isinstance(number, float)
         and (low < number if low_open else low <= number)
         and (number < high if high_open else number <= high)
     )
@@ -82,7 +83,11 @@ def check_lookahead_args(k: Any, alpha: Any, where: str = "") -> None:
             f"{where}Invalid k (group key 'lookahead_k'): {k!r} (Lookahead's sync period must "
             "be an int >= 1)"
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha <= 1.0:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, numbers.Real)
+        or not 0.0 < float(alpha) <= 1.0
+    ):
         raise ValueError(
             f"{where}Invalid alpha (group key 'lookahead_alpha'): {alpha!r} (Lookahead's slow "
             "step must be in (0, 1])"

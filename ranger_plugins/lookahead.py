@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -54,6 +55,10 @@ def _copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) ->
 
 class LookaheadControls:
     """Mixin for optimizers whose state holds Lookahead's `slow_param` per parameter."""
+
+    # Provided by the `torch.optim.Optimizer` this is mixed into.
+    param_groups: list[dict[str, Any]]
+    state: Any
 
     def _params_with_slow_weights(self) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
         for group in self.param_groups:
@@ -116,6 +121,22 @@ class LookaheadControls:
                 _copy_into(params, backups)
 
 
+def _shared_with_inner(name: str) -> property:
+    """`Lookahead`'s ``state``, ``param_groups`` and ``defaults`` are the inner optimizer's,
+    read and written through, so code that replaces them (fastai's
+    `OptimWrapper.clear_state` assigns a new `state`) keeps the wrapper and the inner
+    optimizer in step."""
+
+    def get(self):
+        return getattr(self.optimizer, name)
+
+    def set(self, value) -> None:
+        if self.__dict__.get("_sharing"):
+            setattr(self.optimizer, name, value)
+
+    return property(get, set, doc=f"The inner optimizer's `{name}`.")
+
+
 class Lookahead(LookaheadControls, Optimizer):
     """Lookahead around any torch optimizer.
 
@@ -149,23 +170,9 @@ class Lookahead(LookaheadControls, Optimizer):
             group.setdefault("lookahead_alpha", alpha)
         self._lookahead_defaults = {"lookahead_k": k, "lookahead_alpha": alpha}
 
-    # `state`, `param_groups` and `defaults` are the inner optimizer's, read and written
-    # through, so code that replaces them (fastai's `OptimWrapper.clear_state` assigns a new
-    # `state`) keeps the wrapper and the inner optimizer in step.
-    def _shared(name: str) -> property:
-        def get(self):
-            return getattr(self.optimizer, name)
-
-        def set(self, value) -> None:
-            if self.__dict__.get("_sharing"):
-                setattr(self.optimizer, name, value)
-
-        return property(get, set, doc=f"The inner optimizer's `{name}`.")
-
-    state = _shared("state")
-    param_groups = _shared("param_groups")
-    defaults = _shared("defaults")
-    del _shared
+    state = _shared_with_inner("state")  # type: ignore[assignment]
+    param_groups = _shared_with_inner("param_groups")  # type: ignore[assignment]
+    defaults = _shared_with_inner("defaults")  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         k, alpha = self._lookahead_defaults.values()
@@ -201,7 +208,7 @@ class Lookahead(LookaheadControls, Optimizer):
             state.pop(name, None)
         super().__setstate__(state)
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Run the closure (if any) under ``enable_grad``, the inner step, then due syncs."""
         loss = None
         if closure is not None:

@@ -202,7 +202,7 @@ class Ranger(LookaheadControls, Optimizer):
             checked[id(param)] = weakref.ref(param)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step; evaluate ``closure`` first if given."""
         loss = None
         if closure is not None:
@@ -213,7 +213,12 @@ class Ranger(LookaheadControls, Optimizer):
         # `_multi_tensor._cached_plan`, which checks that it still fits before using it).
         plan_caches = self.__dict__.setdefault("_plan_caches", {})
         for group_index, group in enumerate(self.param_groups):
-            params, grads, exp_avgs, exp_avg_sqs, slow_params, steps = [], [], [], [], [], []
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            exp_avgs: list[torch.Tensor] = []
+            exp_avg_sqs: list[torch.Tensor] = []
+            slow_params: list[torch.Tensor] = []
+            steps: list[int] = []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
             if not params:
                 continue
@@ -304,7 +309,7 @@ def _check_gc_supported(param: torch.Tensor) -> None:
             raise RuntimeError(
                 f"Gradient Centralization needs each row of a parameter on one rank, but a "
                 f"parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim} "
-                f"(placements {tuple(param.placements)}; only Shard(0) keeps rows whole). "
+                f"(placements {tuple(param.placements)}; only Shard(0) keeps rows whole). "  # type: ignore[attr-defined]
                 "Shard on dim 0, or pass use_gc=False."
             )
 

@@ -92,10 +92,10 @@ class OptimizerStepLR(LRScheduler):
         """The multiplier of each group's base lr after ``step`` optimizer steps."""
         raise NotImplementedError
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float]:  # type: ignore[override]
         """The learning rates for position ``last_epoch`` (closed form)."""
         factor = self.lr_factor(self.last_epoch)
-        return [base_lr * factor for base_lr in self.base_lrs]
+        return [float(base_lr) * factor for base_lr in self.base_lrs]
 
     _get_closed_form_lr = get_lr
 
