@@ -25,6 +25,27 @@ def centralize_gradient(grad: torch.Tensor, gc_conv_only: bool = False) -> torch
     return grad
 
 
+def check_gc_supported(param: torch.Tensor) -> None:
+    """Raise a `RuntimeError` where GC cannot run on ``param``: it needs whole rows (dims
+    1..n) on each device, so shardings that split them are refused (FSDP1's flattened
+    params, DTensors sharded on a dim other than 0)."""
+    # FSDP1 marks the params it flattens (its FlatParameter, and with use_orig_params the 1-D
+    # views of it). Their type is plain `Parameter`, so look at the marks, not the type.
+    if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
+        raise RuntimeError(
+            "Gradient Centralization cannot run on FSDP1's flattened 1-D parameters (it would "
+            "be silently skipped). Use FSDP2 (fully_shard), or pass use_gc=False."
+        )
+    for placement in getattr(param, "placements", ()):  # DTensor
+        if placement.is_shard() and placement.dim != 0:
+            raise RuntimeError(
+                f"Gradient Centralization needs each row of a parameter on one rank, but a "
+                f"parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim} "
+                f"(placements {tuple(param.placements)}; only Shard(0) keeps rows whole). "  # type: ignore[attr-defined]
+                "Shard on dim 0, or pass use_gc=False."
+            )
+
+
 def rectification(
     step: int, beta1: float, beta2: float, rectify_threshold: float = 5.0
 ) -> tuple[float, bool]:

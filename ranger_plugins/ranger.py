@@ -17,7 +17,12 @@ import torch
 from torch.optim import Optimizer
 
 from ._fused import fused_ranger
-from ._math import centralize_gradient, rectification, step_hyperparameters
+from ._math import (
+    centralize_gradient,
+    check_gc_supported,
+    rectification,
+    step_hyperparameters,
+)
 from ._multi_tensor import _multi_tensor_ranger
 from ._state import (
     STATE_TENSOR_KEYS,
@@ -176,7 +181,7 @@ class Ranger(LookaheadControls, Optimizer):
         grads += [p.grad for p in with_grad]
         check_gradients(with_grad, grads)
         if group["use_gc"]:  # also 1-D params: FSDP1 flattens every param to 1-D
-            self._check_gc_supported(with_grad)
+            self._check_gc_supported_once(with_grad)
         states = [self.state[param] for param in with_grad]
         for param, state in zip(with_grad, states):
             if not state:
@@ -192,13 +197,13 @@ class Ranger(LookaheadControls, Optimizer):
         steps += [state["step"] for state in states]
         params += with_grad
 
-    def _check_gc_supported(self, params: list[torch.Tensor]) -> None:
+    def _check_gc_supported_once(self, params: list[torch.Tensor]) -> None:
         # The check looks at marks a param keeps for life, so each param is checked once.
         # Kept by id with a weak reference, so a new param that reuses a dead one's id is
         # still checked, and the optimizer keeps no param alive.
         checked = self.__dict__.setdefault("_gc_checked", {})
         for param in [p for p in params if (seen := checked.get(id(p))) is None or seen() is not p]:
-            _check_gc_supported(param)
+            check_gc_supported(param)
             checked[id(param)] = weakref.ref(param)
 
     @torch.no_grad()
@@ -293,25 +298,6 @@ def check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
             raise ValueError(f"{where}Invalid {flag}: {group[flag]!r} (must be True or False)")
     if group.get("foreach") not in (None, True, False):
         raise ValueError(f"{where}Invalid foreach: {group['foreach']!r} (must be None or a bool)")
-
-
-def _check_gc_supported(param: torch.Tensor) -> None:
-    """GC needs whole rows (dims 1..n) on each device; refuse shardings that split them."""
-    # FSDP1 marks the params it flattens (its FlatParameter, and with use_orig_params the 1-D
-    # views of it). Their type is plain `Parameter`, so look at the marks, not the type.
-    if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
-        raise RuntimeError(
-            "Gradient Centralization cannot run on FSDP1's flattened 1-D parameters (it would "
-            "be silently skipped). Use FSDP2 (fully_shard), or pass use_gc=False."
-        )
-    for placement in getattr(param, "placements", ()):  # DTensor
-        if placement.is_shard() and placement.dim != 0:
-            raise RuntimeError(
-                f"Gradient Centralization needs each row of a parameter on one rank, but a "
-                f"parameter of shape {tuple(param.shape)} is sharded on dim {placement.dim} "
-                f"(placements {tuple(param.placements)}; only Shard(0) keeps rows whole). "  # type: ignore[attr-defined]
-                "Shard on dim 0, or pass use_gc=False."
-            )
 
 
 def _single_tensor_ranger(
