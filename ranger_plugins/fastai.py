@@ -3,11 +3,11 @@
 Change one import to switch from fastai's built-in Ranger::
 
     from functools import partial
-    from ranger_plugins.fastai import LookaheadEvalCallback, ranger
+    from ranger_plugins.fastai import LookaheadCallback, ranger
 
     learn = Learner(dls, model, opt_func=ranger)                      # fastai's defaults
     learn = Learner(dls, model, opt_func=partial(ranger, gc=True))    # + Gradient Centralization
-    learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadEvalCallback())  # validate on slow weights
+    learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadCallback())  # validate on slow weights
 
 `ranger` builds the core `ranger_plugins.Ranger` (a real `torch.optim.Optimizer`) and wraps
 it in `RangerOptimWrapper`, a subclass of fastai's own `OptimWrapper`, so fastai's schedulers
@@ -15,24 +15,32 @@ it in `RangerOptimWrapper`, a subclass of fastai's own `OptimWrapper`, so fastai
 `save`/`load` and `export` drive it through fastai's ordinary mechanisms.
 
 Validation runs on the *fast* weights (as with fastai's own `ranger`) unless
-`LookaheadEvalCallback` is added to the Learner; it is not added automatically, because an
-`opt_func` cannot add callbacks to the Learner that calls it.
+`LookaheadCallback` is added to the Learner; it is not added automatically, because an
+`opt_func` cannot add callbacks to the Learner that calls it. ``LookaheadEvalCallback`` is
+its old name, kept as a deprecated alias.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from fastai.callback.core import Callback
-from fastai.optimizer import OptimWrapper, detuplify_pg
+from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
 
 from .lookahead import LookaheadControls, check_weights_after_fit
 from .ranger import Ranger, check_hyperparameters
 
-__all__ = ["RANGER_HP_MAP", "LookaheadEvalCallback", "RangerOptimWrapper", "ranger"]
+__all__ = [
+    "BEFORE_FINISH_KEY",
+    "RANGER_HP_MAP",
+    "LookaheadCallback",
+    "RangerOptimWrapper",
+    "ranger",
+]
 
 # torch param-group key -> fastai hyperparameter name. fastai's `pytorch_hp_map` also maps
 # 'alpha' to 'sqr_mom' (RMSprop's alpha); the core stores Lookahead's alpha as
@@ -46,6 +54,13 @@ RANGER_HP_MAP = {
     "lookahead_alpha": "alpha",
     "use_gc": "gc",
 }
+
+#: Key, in a `RangerOptimWrapper` state dict saved after ``fit``, of the training state that
+#: the end-of-fit weights replaced (see `LookaheadCallback`).
+BEFORE_FINISH_KEY = "lookahead_before_finish"
+
+# The attribute of `learn.opt` that holds that state between fits.
+_BEFORE_FINISH_ATTR = "_lookahead_before_finish"
 
 
 def ranger(
@@ -93,8 +108,8 @@ def ranger(
         gc_conv_only: restrict GC to conv weights (more than three dims).
         rectify_threshold: RAdam's rho_t threshold for the adaptive step.
         foreach: force (True) or forbid (False) the multi-tensor implementation.
-        fused: the opt-in fused step (flat buffers and one compiled kernel; see
-            ``ranger_plugins.Ranger``); same results as the default path.
+        fused: the opt-in fused step (see ``ranger_plugins.Ranger``); same results as the
+            default path.
 
     Returns:
         A `RangerOptimWrapper` (a fastai `OptimWrapper`); the core optimizer is its
@@ -105,7 +120,7 @@ def ranger(
     function pickles, so ``learn.export()`` / ``load_learner()`` work. ``ranger(gc=True)``
     without parameters is not supported.
 
-    Validation uses the fast weights unless you pass ``cbs=LookaheadEvalCallback()`` to the
+    Validation uses the fast weights unless you pass ``cbs=LookaheadCallback()`` to the
     Learner, which evaluates on Lookahead's slow weights and leaves the model on the synced
     slow weights at the end of ``fit``.
     """
@@ -150,6 +165,89 @@ def _layer_groups(params: Iterable) -> list[dict[str, Any]]:
     return [{"params": list(group)} for group in params]
 
 
+def _params_of(core: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The core's params in its state dict's order (the indices of ``state_dict()["state"]``)."""
+    return [param for group in core.param_groups for param in group["params"]]
+
+
+class _TrainingStateBeforeFinish:
+    """What ``finish_training`` overwrote, per param with slow weights: its fast weights and,
+    for ``"synced"`` (which moves them too), its slow weights. `restore` puts them back."""
+
+    def __init__(self, entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]):
+        self.entries = entries  # (param, fast weights, slow weights or None)
+
+    @classmethod
+    @torch.no_grad()
+    def take(cls, core: Any, weights_after_fit: str) -> _TrainingStateBeforeFinish | None:
+        """The state that ``core.finish_training(weights_after_fit)`` is about to replace."""
+        if weights_after_fit == "fast":
+            return None  # finish_training changes nothing
+        keep_slow = weights_after_fit == "synced"
+        entries = []
+        for param in _params_of(core):
+            slow = core.state.get(param, {}).get("slow_param")
+            if slow is not None:
+                entries.append(
+                    (param, param.detach().clone(), slow.detach().clone() if keep_slow else None)
+                )
+        return cls(entries) if entries else None
+
+    def still_finished(self, core: Any) -> bool:
+        """Whether every param still holds the slow weights the finish left it (nothing
+        loaded, reset or trained since)."""
+        for param, _, _ in self.entries:
+            slow = core.state.get(param, {}).get("slow_param")
+            if slow is None or not torch.equal(param, slow.to(param.dtype)):
+                return False
+        return True
+
+    @torch.no_grad()
+    def restore(self, core: Any) -> None:
+        for param, fast, slow in self.entries:
+            param.copy_(fast)
+            if slow is not None:
+                core.state[param]["slow_param"].copy_(slow)
+
+    def to_state(self, params: list[torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
+        """Tensors keyed by the params' indices in ``params`` (plain data for ``torch.save``)."""
+        index = {id(param): i for i, param in enumerate(params)}
+        return {
+            "fast": {index[id(param)]: fast for param, fast, _ in self.entries},
+            "slow_param": {index[id(p)]: slow for p, _, slow in self.entries if slow is not None},
+        }
+
+    @classmethod
+    def from_state(cls, saved: Any, params: list[torch.Tensor]) -> _TrainingStateBeforeFinish:
+        """The inverse of `to_state`; a ``ValueError`` unless ``saved`` fits ``params``."""
+        fast = saved.get("fast") if isinstance(saved, dict) else None
+        slow = saved.get("slow_param") if isinstance(saved, dict) else None
+        if not (isinstance(fast, dict) and isinstance(slow, dict) and slow.keys() <= fast.keys()):
+            raise ValueError(f"{BEFORE_FINISH_KEY!r} needs dicts 'fast' and 'slow_param'")
+        entries = []
+        for index, fast_weights in fast.items():
+            param = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
+            slow_weights = slow.get(index)
+            for tensor in (fast_weights, slow_weights if index in slow else fast_weights):
+                if (
+                    param is None
+                    or not isinstance(tensor, torch.Tensor)
+                    or tensor.shape != param.shape
+                ):
+                    raise ValueError(
+                        f"{BEFORE_FINISH_KEY!r}: entry {index!r} does not fit a parameter of "
+                        "this optimizer"
+                    )
+            entries.append(
+                (
+                    param,
+                    fast_weights.to(param.device, param.dtype),
+                    None if slow_weights is None else slow_weights.to(param.device),
+                )
+            )
+        return cls(entries)
+
+
 class RangerOptimWrapper(OptimWrapper):
     """fastai's `OptimWrapper` around the core `Ranger`, with per-parameter weight decay.
 
@@ -162,6 +260,11 @@ class RangerOptimWrapper(OptimWrapper):
 
     ``clear_state()`` (called by ``Learner.freeze_to``) empties the core's state in place:
     moments, step counts and Lookahead slow weights restart, as with fastai's own Ranger.
+
+    After a ``fit`` with `LookaheadCallback`, ``state_dict()`` also holds (under
+    `BEFORE_FINISH_KEY`) the fast and slow weights from before the end-of-fit weights, so a
+    Learner saved with ``save(with_opt=True)`` and loaded again trains on as the saved one
+    would have.
     """
 
     def __init__(self, opt: Ranger) -> None:
@@ -171,6 +274,7 @@ class RangerOptimWrapper(OptimWrapper):
                 "no decay) per layer group; build it with `ranger_plugins.fastai.ranger()`"
             )
         super().__init__(opt=opt, hp_map=RANGER_HP_MAP)
+        self._lookahead_before_finish: _TrainingStateBeforeFinish | None = None
         # The layer groups in the splitter's order; the core pairs are derived from them.
         self._layer_params = [
             list(decayed["params"]) + list(exempt["params"]) for decayed, exempt in self._pairs()
@@ -220,15 +324,16 @@ class RangerOptimWrapper(OptimWrapper):
         # Plain Python numbers, so checkpoints stay loadable with weights_only=True
         # (fastai's schedulers hand out numpy scalars).
         values = [value.item() if hasattr(value, "item") else value for value in values]
+        name = torch_key.split("__")[0]  # "betas__1" sets an item of "betas"
         updated = []
         for (decayed, exempt), value in zip(self._pairs(), values):
             targets = [decayed] if torch_key == "weight_decay" else [decayed, exempt]
             for group in targets:
-                new_group = _with_item(group, torch_key, value)
+                new_group = set_item_pg(dict(group), torch_key, value)
                 check_hyperparameters(new_group)  # all checked before anything changes
                 updated.append((group, new_group))
         for group, new_group in updated:
-            group[torch_key.split("__")[0]] = new_group[torch_key.split("__")[0]]
+            group[name] = new_group[name]
 
     def freeze_to(self, n: int) -> None:
         """Freeze the layer groups before `n` (fastai's semantics), and drop their gradients.
@@ -247,6 +352,7 @@ class RangerOptimWrapper(OptimWrapper):
     def clear_state(self) -> None:
         """Forget moments, step counts and slow weights (in place; flags stay)."""
         self.opt.state.clear()
+        self._lookahead_before_finish = None
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One core `Ranger` step (the closure, if given, is evaluated by the core)."""
@@ -254,14 +360,26 @@ class RangerOptimWrapper(OptimWrapper):
         return self.opt.step(closure)
 
     def state_dict(self) -> dict[str, Any]:
-        """The core optimizer's state dict (tensors and plain Python values only)."""
+        """The core optimizer's state dict (tensors and plain Python values only), and the
+        training state from before the end of the last ``fit`` if it is kept."""
         self._apply_wd_flags()
-        return self.opt.state_dict()
+        state_dict = self.opt.state_dict()
+        before_finish = self._lookahead_before_finish
+        if before_finish is not None:
+            state_dict[BEFORE_FINISH_KEY] = before_finish.to_state(_params_of(self.opt))
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from `state_dict()`; a mismatched one raises, changing nothing."""
         self._apply_wd_flags()
-        self.opt.load_state_dict(state_dict)
+        saved = state_dict.get(BEFORE_FINISH_KEY)
+        before_finish = (
+            None
+            if saved is None
+            else _TrainingStateBeforeFinish.from_state(saved, _params_of(self.opt))
+        )
+        self.opt.load_state_dict({k: v for k, v in state_dict.items() if k != BEFORE_FINISH_KEY})
+        self._lookahead_before_finish = before_finish
 
     def sync_lookahead(self) -> None:
         """Force a Lookahead sync now (see `Ranger.sync_lookahead`)."""
@@ -272,32 +390,19 @@ class RangerOptimWrapper(OptimWrapper):
         return self.opt.slow_weights()
 
 
-def _with_item(group: dict, torch_key: str, value: Any) -> dict:
-    """A copy of `group` with `torch_key` ('lr' or 'betas__1' style) set to `value`."""
-    new_group = dict(group)
-    if "__" in torch_key:
-        name, index = torch_key.split("__")
-        items = list(new_group[name])
-        items[int(index)] = value
-        new_group[name] = tuple(items)
-    else:
-        new_group[torch_key] = value
-    return new_group
-
-
 def _lookahead_optimizer(learn: Any) -> LookaheadControls | None:
     """The core optimizer behind `learn.opt` (an `OptimWrapper`), if it has Lookahead."""
     core = getattr(getattr(learn, "opt", None), "opt", None)
     return core if isinstance(core, LookaheadControls) else None
 
 
-class LookaheadEvalCallback(Callback):
+class LookaheadCallback(Callback):
     """Validate on Lookahead's slow weights; end ``fit`` on the synced slow weights.
 
     Add it to a Learner that uses `ranger` (or any `OptimWrapper` around a core `Ranger`
     or `Lookahead`; it reaches the core optimizer as ``learn.opt.opt``)::
 
-        learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadEvalCallback())
+        learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadCallback())
 
     * ``before_validate``: the slow weights go into the model, so the validation loss and
       metrics, ``learn.validate()``, ``get_preds()`` and ``predict()`` all use them.
@@ -312,6 +417,13 @@ class LookaheadEvalCallback(Callback):
       ``slow + alpha * (fast - slow)``, the weights to export), ``"slow"`` (exactly what the
       last validation saw) or ``"fast"``. The same choice as the Lightning
       ``LookaheadCallback``. Skipped under ``lr_find`` (which restores the model anyway).
+    * The end-of-fit weights are for evaluation and export, not a training step: the fast
+      and slow weights they replaced are kept beside the optimizer (in its state dict with
+      `ranger`, so ``save(with_opt=True)``/``load`` and ``export`` carry them), and the next
+      ``fit`` (``before_fit``) trains on from them, so ``fit(1); fit(1)`` trains like
+      ``fit(2)``. Unless the model or the optimizer state changed in between (``load`` of
+      other weights, ``freeze``/``unfreeze``, which reset the state): then it trains on from
+      what the model holds.
 
     Params that have not stepped yet have no slow weights and are evaluated as they are.
     The order (55) puts ``after_fit`` before the trackers' (60), so ``SaveModelCallback``
@@ -329,9 +441,11 @@ class LookaheadEvalCallback(Callback):
         self._swap: contextlib.ExitStack | None = None
 
     def before_fit(self) -> None:
-        """Undo a swap left over from an interrupted run; start watching for steps."""
+        """Undo a swap left over from an interrupted run; train on from the state the last
+        end of fit replaced."""
         self._restore_fast_weights()
-        self._stepped = False
+        # A fit that goes on from the state before the last finish ends with a finish too.
+        self._stepped = self._resume_training()
 
     def before_train(self) -> None:
         """Put the fast weights back for training."""
@@ -361,14 +475,30 @@ class LookaheadEvalCallback(Callback):
         self._in_training_epoch = False
 
     def after_fit(self) -> None:
-        """Restore the fast weights, then sync (unless told otherwise)."""
+        """Restore the fast weights, then sync (unless told otherwise), keeping what the sync
+        replaces for the next ``fit``."""
         self._restore_fast_weights()
         self._in_training_epoch = False
         core = _lookahead_optimizer(self.learn)
         stepped, self._stepped = self._stepped, False
         if not stepped or core is None or hasattr(self.learn, "lr_finder"):
             return
+        before_finish = _TrainingStateBeforeFinish.take(core, self.weights_after_fit)
         core.finish_training(self.weights_after_fit)
+        setattr(self.learn.opt, _BEFORE_FINISH_ATTR, before_finish)
+
+    def _resume_training(self) -> bool:
+        """Put back the state the last end of fit replaced, if the model and the optimizer
+        still hold what it left; whether it did."""
+        core = _lookahead_optimizer(self.learn)
+        if core is None or hasattr(self.learn, "lr_finder"):
+            return False  # lr_find saves and restores the Learner, kept state included
+        before_finish = getattr(self.learn.opt, _BEFORE_FINISH_ATTR, None)
+        setattr(self.learn.opt, _BEFORE_FINISH_ATTR, None)
+        if before_finish is None or not before_finish.still_finished(core):
+            return False
+        before_finish.restore(core)
+        return True
 
     def _restore_fast_weights(self) -> None:
         swap, self._swap = self._swap, None
@@ -379,3 +509,16 @@ class LookaheadEvalCallback(Callback):
         # fastcore's `Stateful`: pickling (`learn.export()`) leaves out `_stateattrs`, and
         # unpickling calls this.
         self._swap = None
+
+
+def __getattr__(name: str) -> Any:
+    # The deprecated name of `LookaheadCallback`, which the Lightning callback shares.
+    if name == "LookaheadEvalCallback":
+        warnings.warn(
+            "ranger_plugins.fastai.LookaheadEvalCallback is now LookaheadCallback (the name of "
+            "the Lightning callback too); the old name will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return LookaheadCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

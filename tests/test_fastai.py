@@ -1,5 +1,5 @@
 """The fastai adapter with real `Learner`s on CPU: every fastai mechanism, parity with
-fastai's own `ranger`, and `LookaheadEvalCallback`."""
+fastai's own `ranger`, and `LookaheadCallback`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from fastai_helpers import body_head_splitter, quiet, tiny_learner, weights  # n
 
 from ranger_plugins import Lookahead, _cpu_kernel  # noqa: E402
 from ranger_plugins.fastai import (  # noqa: E402
-    LookaheadEvalCallback,
+    BEFORE_FINISH_KEY,
+    LookaheadCallback,
     RangerOptimWrapper,
     ranger,
 )
@@ -393,7 +394,7 @@ def test_learner_wd_argument_is_applied_to_decayed_groups_only():
 
 
 def test_lr_find_leaves_weights_and_optimizer_state_as_they_were(tmp_path):
-    learn = tiny_learner(ranger, path=tmp_path, cbs=LookaheadEvalCallback())
+    learn = tiny_learner(ranger, path=tmp_path, cbs=LookaheadCallback())
     learn.fit(1, 1e-2, cbs=_StopAfter(4))
     before_weights = weights(learn)
     before_state = {
@@ -440,6 +441,127 @@ def test_save_with_opt_then_load_continues_exactly_like_an_uninterrupted_run(tmp
     assert {s["step"] for s in _core(resumed).state.values()} == {10}
 
 
+def _core_state(learn):
+    return {
+        index: {key: _clone(value) for key, value in state.items()}
+        for index, state in _core(learn).state_dict()["state"].items()
+    }
+
+
+def _assert_same_training_state(learn, other):
+    assert all(torch.equal(a, b) for a, b in zip(weights(learn), weights(other)))
+    mine, theirs = _core_state(learn), _core_state(other)
+    assert mine.keys() == theirs.keys()
+    for index, state in mine.items():
+        assert state.keys() == theirs[index].keys()
+        assert all(_equal(value, theirs[index][key]) for key, value in state.items()), index
+
+
+# With LookaheadCallback, k = 4 and 6 steps per epoch: a fit of one epoch ends between syncs,
+# so the end-of-fit weights differ from the fast weights training goes on from.
+WEIGHTS_AFTER_FIT = ["synced", "slow", "fast"]
+
+
+def _lookahead_learner(weights_after_fit, **kwargs):
+    return tiny_learner(partial(ranger, k=4), cbs=LookaheadCallback(weights_after_fit), **kwargs)
+
+
+@pytest.mark.parametrize("weights_after_fit", WEIGHTS_AFTER_FIT)
+def test_fit_then_fit_again_trains_like_one_longer_fit(tmp_path, weights_after_fit):
+    uninterrupted = _lookahead_learner(weights_after_fit)
+    uninterrupted.fit(2, 1e-2)
+
+    learn = _lookahead_learner(weights_after_fit, path=tmp_path)
+    learn.fit(1, 1e-2)
+    after_fit = weights(learn)
+    # Neither export (which rebuilds the optimizer from its state dict) nor lr_find (which
+    # saves and reloads the Learner) loses the state from before the end of fit.
+    learn.export(tmp_path / "export.pkl")
+    learn.lr_find(num_it=5, show_plot=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights(learn), after_fit))
+    learn.fit(1, 1e-2)
+    _assert_same_training_state(learn, uninterrupted)
+    assert {s["step"] for s in _core(learn).state.values()} == {12}
+
+
+@pytest.mark.parametrize("weights_after_fit", WEIGHTS_AFTER_FIT)
+def test_save_after_fit_then_load_trains_on_like_one_longer_fit(tmp_path, weights_after_fit):
+    uninterrupted = _lookahead_learner(weights_after_fit)
+    uninterrupted.fit(2, 1e-2)
+
+    first = _lookahead_learner(weights_after_fit, path=tmp_path)
+    first.fit(1, 1e-2)
+    after_fit = weights(first)
+    saved = torch.load(first.save("after_fit", with_opt=True), weights_only=True)
+    # The file holds the end-of-fit weights (what to evaluate or ship)...
+    names = [name for name, _ in first.model.named_parameters()]
+    assert all(torch.equal(saved["model"][n], w) for n, w in zip(names, after_fit))
+    # ...and, beside the optimizer state, the training state they replaced.
+    assert (BEFORE_FINISH_KEY in saved["opt"]) == (weights_after_fit != "fast")
+
+    resumed = _lookahead_learner(weights_after_fit, path=tmp_path, seed=1)
+    resumed.load("after_fit", with_opt=True)
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), after_fit))
+    assert resumed.validate() == first.validate()  # the same evaluation
+    resumed.fit(1, 1e-2)
+    _assert_same_training_state(resumed, uninterrupted)
+
+
+def test_after_fit_a_changed_model_or_optimizer_state_is_trained_on_as_it_is(tmp_path):
+    """Weights loaded after fit, or an optimizer state reset by freeze: the next fit starts
+    from what the model holds, exactly as a run without the callback that synced by hand."""
+    runs = {}
+    for name, callback in (("callback", True), ("by hand", False)):
+        learn = tiny_learner(
+            partial(ranger, k=4), path=tmp_path, cbs=[LookaheadCallback()] if callback else []
+        )
+        learn.save(f"init-{name}", with_opt=False)
+        learn.fit(1, 1e-2)
+        if not callback:
+            learn.opt.sync_lookahead()
+        learn.load(f"init-{name}", with_opt=False)  # weights from before the fit
+        learn.fit(1, 1e-2)
+        if not callback:
+            learn.opt.sync_lookahead()
+        learn.freeze()  # resets the optimizer state
+        learn.fit(1, 1e-2)
+        if not callback:
+            learn.opt.sync_lookahead()
+        runs[name] = learn
+    _assert_same_training_state(runs["callback"], runs["by hand"])
+
+
+def test_a_saved_state_from_before_the_end_of_fit_that_does_not_fit_raises():
+    learn = _lookahead_learner("synced")
+    learn.fit(1, 1e-2)
+    before_weights, before_state = weights(learn), _core_state(learn)
+    kept = learn.opt.state_dict()[BEFORE_FINISH_KEY]
+    for bad in (
+        {"fast": {**kept["fast"], 0: kept["fast"][0][:1]}, "slow_param": kept["slow_param"]},
+        {"fast": {**kept["fast"], 99: kept["fast"][0]}, "slow_param": kept["slow_param"]},
+        {"fast": {}, "slow_param": kept["slow_param"]},
+        {"fast": kept["fast"]},
+    ):
+        state_dict = {**learn.opt.state_dict(), BEFORE_FINISH_KEY: bad}
+        with pytest.raises(ValueError, match=BEFORE_FINISH_KEY):
+            learn.opt.load_state_dict(state_dict)
+    # Nothing changed: weights, optimizer state, and the kept state.
+    assert all(torch.equal(a, b) for a, b in zip(weights(learn), before_weights))
+    assert _core_state(learn).keys() == before_state.keys()
+    for index, state in _core_state(learn).items():
+        assert all(_equal(value, before_state[index][key]) for key, value in state.items())
+    still_kept = learn.opt.state_dict()[BEFORE_FINISH_KEY]
+    for kind in ("fast", "slow_param"):
+        assert kept[kind].keys() == still_kept[kind].keys()
+        assert all(torch.equal(t, still_kept[kind][i]) for i, t in kept[kind].items())
+
+
+def test_the_old_callback_name_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="LookaheadCallback"):
+        from ranger_plugins.fastai import LookaheadEvalCallback
+    assert LookaheadEvalCallback is LookaheadCallback
+
+
 def test_checkpoint_after_one_cycle_loads_with_weights_only(tmp_path):
     learn = tiny_learner(ranger, path=tmp_path)
     learn.fit_one_cycle(1, 1e-2)
@@ -448,14 +570,14 @@ def test_checkpoint_after_one_cycle_loads_with_weights_only(tmp_path):
 
 
 def test_export_then_load_learner(tmp_path):
-    learn = tiny_learner(partial(ranger, gc=True), path=tmp_path, cbs=LookaheadEvalCallback())
+    learn = tiny_learner(partial(ranger, gc=True), path=tmp_path, cbs=LookaheadCallback())
     learn.fit(1, 1e-2, cbs=_StopAfter(4))
     learn.export("exported.pkl")
     assert _core(learn).state  # export restores the optimizer state afterwards
     loaded = quiet(load_learner(tmp_path / "exported.pkl"))
     assert loaded.opt is None
     assert loaded.opt_func.func is ranger and loaded.opt_func.keywords["gc"] is True
-    assert any(isinstance(cb, LookaheadEvalCallback) for cb in loaded.cbs)
+    assert any(isinstance(cb, LookaheadCallback) for cb in loaded.cbs)
     x = torch.randn(5, 2, 6, 6)
     learn.model.eval()
     loaded.model.eval()
@@ -507,7 +629,7 @@ class _SkipEveryStep(Callback):
 
 
 def test_a_cancelled_step_changes_nothing_in_the_optimizer():
-    learn = tiny_learner(ranger, cbs=LookaheadEvalCallback())
+    learn = tiny_learner(ranger, cbs=LookaheadCallback())
     before = weights(learn)
     learn.fit(1, 1e-2, cbs=_SkipEveryStep())
     assert len(_core(learn).state) == 0
@@ -546,7 +668,7 @@ def test_gradient_clip_clips_what_the_optimizer_sees():
     assert not torch.equal(weights(learn)[0], weights(unclipped)[0])
 
 
-# --- LookaheadEvalCallback -----------------------------------------------------------------
+# --- LookaheadCallback -----------------------------------------------------------------
 
 
 def _loss_on(learn, dl) -> float:
@@ -563,7 +685,7 @@ def _loss_on(learn, dl) -> float:
 def test_validation_uses_slow_weights_and_training_is_bitwise_unchanged():
     """k = 4 with 6 steps per epoch: at every validation slow != fast."""
     with_callback = tiny_learner(
-        partial(ranger, k=4), cbs=LookaheadEvalCallback(weights_after_fit="fast")
+        partial(ranger, k=4), cbs=LookaheadCallback(weights_after_fit="fast")
     )
     plain = tiny_learner(partial(ranger, k=4))
     spies = _WeightsAfterTrain(), _WeightsAfterTrain()
@@ -592,7 +714,7 @@ class _SkipValidation(Callback):
 
 
 class _SlowWeightsAtValidation(Callback):
-    order = LookaheadEvalCallback.order + 1
+    order = LookaheadCallback.order + 1
 
     def before_fit(self):
         self.slow, self.in_model = [], []
@@ -604,8 +726,8 @@ class _SlowWeightsAtValidation(Callback):
 
 
 def test_training_is_bitwise_the_same_without_any_validation():
-    validated = tiny_learner(partial(ranger, k=4), cbs=LookaheadEvalCallback())
-    skipped = tiny_learner(partial(ranger, k=4), cbs=[LookaheadEvalCallback(), _SkipValidation()])
+    validated = tiny_learner(partial(ranger, k=4), cbs=LookaheadCallback())
+    skipped = tiny_learner(partial(ranger, k=4), cbs=[LookaheadCallback(), _SkipValidation()])
     spies = _WeightsAfterTrain(), _WeightsAfterTrain()
     validated.fit(3, 1e-2, cbs=spies[0])
     skipped.fit(3, 1e-2, cbs=spies[1])
@@ -620,7 +742,7 @@ def test_save_model_callback_saves_the_slow_weights_it_judged(tmp_path):
     learn = tiny_learner(
         partial(ranger, k=4),
         path=tmp_path,
-        cbs=[LookaheadEvalCallback(weights_after_fit="fast"), spy, fast],
+        cbs=[LookaheadCallback(weights_after_fit="fast"), spy, fast],
     )
     learn.fit(2, 1e-2, cbs=SaveModelCallback(every_epoch=True, fname="epoch"))
     for epoch in range(2):
@@ -634,7 +756,7 @@ def test_save_model_callback_saves_the_slow_weights_it_judged(tmp_path):
 
 
 def test_model_holds_the_synced_slow_weights_after_fit():
-    with_callback = tiny_learner(partial(ranger, k=4), cbs=LookaheadEvalCallback())
+    with_callback = tiny_learner(partial(ranger, k=4), cbs=LookaheadCallback())
     plain = tiny_learner(partial(ranger, k=4))
     with_callback.fit(1, 1e-2)
     plain.fit(1, 1e-2)
@@ -646,7 +768,7 @@ def test_model_holds_the_synced_slow_weights_after_fit():
 
 def test_weights_after_fit_slow_leaves_exactly_the_slow_weights():
     with_callback = tiny_learner(
-        partial(ranger, k=4), cbs=LookaheadEvalCallback(weights_after_fit="slow")
+        partial(ranger, k=4), cbs=LookaheadCallback(weights_after_fit="slow")
     )
     plain = tiny_learner(partial(ranger, k=4))
     with_callback.fit(1, 1e-2)  # 6 steps, k = 4: the slow weights lag the fast ones
@@ -658,11 +780,11 @@ def test_weights_after_fit_slow_leaves_exactly_the_slow_weights():
 
 def test_weights_after_fit_must_be_a_known_choice():
     with pytest.raises(ValueError, match="weights_after_fit"):
-        LookaheadEvalCallback(weights_after_fit="average")
+        LookaheadCallback(weights_after_fit="average")
 
 
 def test_validate_and_get_preds_after_fit_use_slow_weights_and_do_not_sync():
-    learn = tiny_learner(partial(ranger, k=4), cbs=LookaheadEvalCallback(weights_after_fit="fast"))
+    learn = tiny_learner(partial(ranger, k=4), cbs=LookaheadCallback(weights_after_fit="fast"))
     learn.fit(1, 1e-2)
     fast = weights(learn)
     with _core(learn).slow_weights():
@@ -686,7 +808,7 @@ def _build_lookahead_adamw(groups, lr):
 
 
 def test_callback_works_with_any_optimwrapper_around_a_core_lookahead():
-    learn = tiny_learner(_lookahead_adamw, cbs=LookaheadEvalCallback(weights_after_fit="fast"))
+    learn = tiny_learner(_lookahead_adamw, cbs=LookaheadCallback(weights_after_fit="fast"))
     learn.fit(1, 1e-2)  # 6 steps, k = 4: slow != fast
     core = learn.opt.opt
     assert isinstance(core, Lookahead)
@@ -698,7 +820,7 @@ def test_callback_works_with_any_optimwrapper_around_a_core_lookahead():
 
 
 def test_callback_is_inert_without_a_lookahead_optimizer():
-    learn = tiny_learner(fastai_adam, cbs=LookaheadEvalCallback())
+    learn = tiny_learner(fastai_adam, cbs=LookaheadCallback())
     learn.fit(1, 1e-2)
     plain = tiny_learner(fastai_adam)
     plain.fit(1, 1e-2)
