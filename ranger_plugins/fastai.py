@@ -423,7 +423,8 @@ class LookaheadCallback(Callback):
       ``fit`` (``before_fit``) trains on from them, so ``fit(1); fit(1)`` trains like
       ``fit(2)``. Unless the model or the optimizer state changed in between (``load`` of
       other weights, ``freeze``/``unfreeze``, which reset the state): then it trains on from
-      what the model holds.
+      what the model holds. The kept copy (the fast weights and, for ``"synced"``, the slow
+      weights) lives until the next ``fit``; ``"fast"`` changes nothing and keeps nothing.
 
     Params that have not stepped yet have no slow weights and are evaluated as they are.
     The order (55) puts ``after_fit`` before the trackers' (60), so ``SaveModelCallback``

@@ -338,7 +338,9 @@ class LookaheadCallback(*_callback_bases()):
       after them (``ModelCheckpoint(save_last=True)``'s ``last.ckpt`` in ``on_train_end``,
       ``trainer.save_checkpoint`` after ``fit``) keeps the training state from before them
       (the fast weights and the optimizer state), so ``fit(ckpt_path=...)`` with a larger
-      ``max_epochs`` continues exactly like one longer run.
+      ``max_epochs`` continues exactly like one longer run. For this the callback keeps a
+      copy of what the end of ``fit`` overwrites (the fast weights and, for ``"synced"``, the
+      slow weights) until the next training starts.
 
     The optimizer does the Lookahead itself (its state holds the slow weights and the step
     counts); this callback only decides which weights the model holds when. Automatic and
