@@ -1,26 +1,37 @@
 """Mish + Ranger with fastai, on scikit-learn's digits (no download).
 
-python examples/fastai_digits.py            # 5 epochs
-EXAMPLE_QUICK=1 python examples/fastai_digits.py
+Install: pip install '.[fastai]'
+(fastai brings scikit-learn, whose digits these are)
+
+    python examples/fastai_digits.py            # 5 epochs
+    EXAMPLE_QUICK=1 python examples/fastai_digits.py
 """
 
 import os
 from functools import partial
 
 import torch
-from fastai.vision.all import (  # fastai.vision.all also adds fit_flat_cos and the progress bar
-    CrossEntropyLossFlat,
-    DataLoaders,
-    Learner,
-    ResBlock,
-    XResNet,
-    accuracy,
-    set_seed,
-)
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ranger_plugins.fastai import LookaheadEvalCallback, ranger
+try:
+    import sklearn  # noqa: F401  (digits_split below reads scikit-learn's digits)
+    from fastai.vision.all import (  # also adds fit_flat_cos and the progress bar
+        CrossEntropyLossFlat,
+        DataLoaders,
+        Learner,
+        ResBlock,
+        XResNet,
+        accuracy,
+        set_seed,
+    )
+
+    from ranger_plugins.fastai import LookaheadCallback, ranger
+except ImportError as error:  # an install without the extra: say which one
+    raise SystemExit(
+        f"error: this example needs fastai ({error}): pip install '.[fastai]'"
+    ) from None
+
 from ranger_plugins.recipes import digits_split
 
 # EXAMPLE_QUICK=1 (the tests): one epoch on the original 8-px images.
@@ -44,7 +55,7 @@ learn = Learner(
     opt_func=partial(ranger, mom=0.95, sqr_mom=0.99, eps=1e-6, wd=1e-2),
     loss_func=CrossEntropyLossFlat(label_smoothing=0.1),
     metrics=accuracy,
-    cbs=LookaheadEvalCallback(),  # validate on Lookahead's slow weights
+    cbs=LookaheadCallback(),  # validate on Lookahead's slow weights
 )  # wd_bn_bias=False (the default): no weight decay on norm layers and biases
 learn.fit_flat_cos(EPOCHS, lr=8e-3, pct_start=0.72)
 

@@ -1,4 +1,7 @@
-"""Ranger in a plain PyTorch loop, on scikit-learn's digits (no download, torch only).
+"""Ranger in a plain PyTorch loop, on synthetic digits made with torch (no download).
+
+Install: pip install .
+(the core install: torch alone; the digits come from synthetic_digits.py beside this file)
 
 Evaluation runs under ``opt.slow_weights()``: Lookahead's slow weights are put into the
 model, and the fast weights are restored exactly when the block ends.
@@ -10,21 +13,20 @@ model, and the fast weights are restored exactly when the block ends.
 import os
 
 import torch
+from synthetic_digits import digits_split  # beside this file: 8x8 digits made with torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ranger_plugins import Ranger
-from ranger_plugins.recipes import digits_split
 from ranger_plugins.schedules import FlatCosineLR
 
-# EXAMPLE_QUICK=1 (the tests): one epoch on the original 8-px images.
-QUICK = os.environ.get("EXAMPLE_QUICK") == "1"
-EPOCHS, SIZE = (1, 8) if QUICK else (5, 16)
+# EXAMPLE_QUICK=1 (the tests): one epoch.
+EPOCHS = 1 if os.environ.get("EXAMPLE_QUICK") == "1" else 5
 torch.manual_seed(42)
 
-digits = digits_split(size=SIZE)
-train = DataLoader(TensorDataset(digits.x_train, digits.y_train), batch_size=64, shuffle=True)
-valid = DataLoader(TensorDataset(digits.x_valid, digits.y_valid), batch_size=256)
+(x_train, y_train), (x_valid, y_valid) = digits_split()  # 8x8 images, 1437 train / 360 valid
+train = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
+valid = DataLoader(TensorDataset(x_valid, y_valid), batch_size=256)
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -61,7 +63,7 @@ for epoch in range(EPOCHS):
     with opt.slow_weights(), torch.no_grad():  # evaluate Lookahead's slow weights
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in valid)
     print(
-        f"epoch {epoch + 1}: train loss {loss.item():.4f}, valid accuracy {correct / len(digits.y_valid):.4f}"
+        f"epoch {epoch + 1}: train loss {loss.item():.4f}, valid accuracy {correct / len(y_valid):.4f}"
     )
 
 opt.sync_lookahead()  # end on the synced slow weights: model.state_dict() is what to save

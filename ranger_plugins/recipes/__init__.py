@@ -13,29 +13,37 @@ entry points::
 
 from __future__ import annotations
 
+from ._checks import BOUNDS, RecipeExtraMissingError
 from ._config import BASELINE, RECIPE, RecipeConfig, RunResult, RunSpec
 from ._data import (
+    IMAGE_EXTENSIONS,
     DatasetUnavailableError,
     DigitsSplit,
     EngineUnavailableError,
+    ImageFolderSummary,
     RecipeError,
     RecipeInputError,
     check_image_folder,
     digits_split,
     fetch_dataset,
+    scan_image_folder,
 )
 from ._models import build_xresnet
-from ._report import format_table, plot_results
-from ._runner import resolve_data_path, train_runs
+from ._report import format_per_seed, format_table, plot_results
+from ._runner import prepare_run, resolve_data_path, train_runs
 
 __all__ = [
     "BASELINE",
+    "BOUNDS",
+    "IMAGE_EXTENSIONS",
     "RECIPE",
     "DatasetUnavailableError",
     "DigitsSplit",
     "EngineUnavailableError",
+    "ImageFolderSummary",
     "RecipeConfig",
     "RecipeError",
+    "RecipeExtraMissingError",
     "RecipeInputError",
     "RunResult",
     "RunSpec",
@@ -43,17 +51,21 @@ __all__ = [
     "check_image_folder",
     "digits_split",
     "fetch_dataset",
+    "format_per_seed",
     "format_table",
     "plot_results",
+    "prepare_run",
     "resolve_data_path",
     "run_recipe",
+    "scan_image_folder",
     "train_runs",
 ]
 
 
 def run_recipe(config: RecipeConfig) -> list[RunResult]:
-    """Train every run of ``config`` and write its PNG to ``config.output``."""
-    path = resolve_data_path(config)
+    """Check ``config`` (see `prepare_run`), train every run with each seed, and write the
+    plot to ``config.output``. Raises a `RecipeError` before training for bad input."""
+    config, path = prepare_run(config)
     results = train_runs(config, path)
     plot_results(results, config.output, f"{path.name if path else 'digits'}, {config.engine}")
     return results

@@ -16,45 +16,37 @@ import time
 import warnings
 from pathlib import Path
 
-from ._config import DIGITS_DEFAULTS, FOLDER_DEFAULTS, RecipeConfig
+from ._checks import BOUNDS, describe_bounds, number_in_bounds
+from ._config import DIGITS_DEFAULTS, FOLDER_DEFAULTS, RecipeConfig, RunResult
 from ._data import RecipeError
 from ._models import ARCHS
-from ._report import format_table, plot_results
-from ._runner import DATASETS, ENGINES, resolve_data_path, train_runs
+from ._report import format_per_seed, format_table, group_runs, plot_results
+from ._runner import DATASETS, ENGINES, prepare_run, train_runs
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def _bounded(name: str, kind: type):
+    """An argparse ``type`` that parses ``kind`` and checks `BOUNDS` (exit code 2 if not)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if (reason := number_in_bounds(name, value)) is not None:
+            raise argparse.ArgumentTypeError(reason)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _default_note(digits, folders) -> str:
+    return f"default: {digits} (digits), {folders} (folders)"
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line options."""
-    d, f = DIGITS_DEFAULTS, FOLDER_DEFAULTS
-    invoked_as = Path(sys.argv[0]).name
-    parser = argparse.ArgumentParser(
-        # `ranger-recipes` (the console script) or `python -m ranger_plugins.recipes`.
-        prog=invoked_as if invoked_as == "ranger-recipes" else "python -m ranger_plugins.recipes",
-        description="Train the Mish + Ranger recipe (and a ReLU + AdamW + one-cycle baseline).",
-    )
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="fastai", help="default: fastai")
     parser.add_argument(
         "--dataset",
@@ -66,25 +58,64 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         type=Path,
+        metavar="PATH",
         help="an ImageNet-style folder (PATH/train/<class>/*, PATH/val/<class>/*); "
         "overrides --dataset",
     )
     parser.add_argument(
-        "--epochs", type=_positive_int, help=f"default: {d.epochs} (digits and folders)"
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="the plot (default: ./ranger-recipe-<dataset>.png); .png is added to a name "
+        "without a suffix; .pdf, .svg, .jpg and matplotlib's other formats work too",
     )
-    parser.add_argument("--seed", type=int, default=42, help="default: 42")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    d, f = DIGITS_DEFAULTS, FOLDER_DEFAULTS
     parser.add_argument(
-        "--size", type=_positive_int, help=f"image size; default: {d.size} (digits), {f.size}"
+        "--epochs", type=_bounded("epochs", int), metavar="N", help=f"default: {d.epochs}"
     )
-    parser.add_argument("--bs", type=_positive_int, help=f"batch size; default: {d.bs}")
+    parser.add_argument(
+        "--seed", type=_bounded("seed", int), default=42, metavar="N", help="default: 42"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_bounded("seeds", int),
+        metavar="N",
+        default=1,
+        help="train every run with this many seeds (--seed, --seed + 1, ...) and report the "
+        "mean and standard deviation (default: 1)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_bounded("size", int),
+        metavar="PX",
+        help=f"image size; {_default_note(d.size, f.size)}",
+    )
+    parser.add_argument(
+        "--bs",
+        type=_bounded("bs", int),
+        metavar="N",
+        help=f"batch size; {_default_note(d.bs, f.bs)}",
+    )
     parser.add_argument(
         "--lr",
-        type=_positive_float,
-        help=f"peak learning rate; default: {d.lr:g} (digits), {f.lr:g}",
+        type=_bounded("lr", float),
+        metavar="LR",
+        help=f"peak learning rate; {_default_note(f'{d.lr:g}', f'{f.lr:g}')}",
     )
+    parser.add_argument("--arch", choices=sorted(ARCHS), help=_default_note(d.arch, f.arch))
     parser.add_argument(
-        "--arch", choices=sorted(ARCHS), help=f"default: {d.arch} (digits), {f.arch} (folders)"
+        "--pct-start",
+        type=_bounded("pct_start", float),
+        metavar="F",
+        default=0.72,
+        help="fraction of iterations at flat lr before the cosine (default: 0.72, the record's)",
     )
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sa", action="store_true", help="add fastai's simple self-attention to the XResNet"
     )
@@ -92,12 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--gc",
         action="store_true",
         help="Gradient Centralization in Ranger (off by default, as in the leaderboard runs)",
-    )
-    parser.add_argument(
-        "--pct-start",
-        type=_fraction,
-        default=0.72,
-        help="fraction of iterations at flat lr before the cosine (default: 0.72, the record's)",
     )
     parser.add_argument(
         "--baseline",
@@ -108,18 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_bounded("threads", int),
+        metavar="N",
         help="CPU threads for torch (default: 1 for digits, whose tiny ops gain nothing from "
         "more; torch's default for folders)",
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="data-loading workers for image folders"
+        "--workers",
+        type=_bounded("workers", int),
+        metavar="N",
+        help="data-loading processes for image folders (default: 4)",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="PNG to write (default: ./ranger-recipe-<dataset>.png)",
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options; every number is checked against `BOUNDS` as it is parsed."""
+    invoked_as = Path(sys.argv[0]).name
+    parser = argparse.ArgumentParser(
+        # `ranger-recipes` (the console script) or `python -m ranger_plugins.recipes`.
+        prog=invoked_as if invoked_as == "ranger-recipes" else "python -m ranger_plugins.recipes",
+        description="Train the Mish + Ranger recipe (and a ReLU + AdamW + one-cycle baseline).",
+        epilog="Every number is bounded: "
+        + ", ".join(f"--{name.replace('_', '-')} {describe_bounds(name)}" for name in BOUNDS)
+        + ". Options, packages, the output and the data are all checked before training.",
     )
+    _add_data_options(parser)
+    _add_training_options(parser)
+    _add_recipe_options(parser)
     return parser
 
 
@@ -127,13 +167,15 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
     """Fill the per-dataset defaults into the parsed options."""
     folder = args.data is not None or args.dataset != "digits"
     defaults = FOLDER_DEFAULTS if folder else DIGITS_DEFAULTS
-    name = args.data.name if args.data is not None else args.dataset
+    # resolve(): `--data .` names the plot after the folder, not "."
+    name = args.data.resolve().name if args.data is not None else args.dataset
     return RecipeConfig(
         engine=args.engine,
         dataset=args.dataset,
         data=args.data,
         epochs=args.epochs or defaults.epochs,
         seed=args.seed,
+        seeds=args.seeds,
         size=args.size or defaults.size,
         bs=args.bs or defaults.bs,
         lr=args.lr or defaults.lr,
@@ -148,30 +190,68 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
     )
 
 
+def _print_results(config: RecipeConfig, results: list[RunResult], title: str) -> None:
+    print(f"\nResults ({title}):\n")
+    print(format_table(results, config.epochs))
+    if config.seeds > 1:
+        print()
+        print(format_per_seed(results))
+
+
+def _title(config: RecipeConfig, path) -> str:
+    seeds = config.seed_list
+    seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+    epochs = f"{config.epochs} epoch{'s' if config.epochs > 1 else ''}"
+    return f"{path.name if path else 'digits'}, {epochs}, {config.engine}, {seeds_text}"
+
+
+def _timing_line(results: list[RunResult], total: float) -> str:
+    """Where the wall time went, in figures that add up as printed: the table's train times
+    (fits only) and the rest (imports, data, checks, models)."""
+    training = sum(round(sum(r.seconds for r in runs), 1) for runs in group_runs(results).values())
+    total = round(total, 1)
+    return (
+        f"\nTotal {total:.1f} s: {training:.1f} s training (the table's train times) + "
+        f"{max(total - training, 0.0):.1f} s importing libraries, loading data and building models"
+    )
+
+
+def _train(config: RecipeConfig, path, title: str) -> list[RunResult]:
+    """Train every run; if one fails or is interrupted, print the runs that finished first."""
+    results: list[RunResult] = []
+    try:
+        train_runs(config, path, results)
+    except BaseException:
+        if results:
+            _print_results(config, results, f"{title}, the runs that finished")
+        raise
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the recipe; returns the process exit code."""
+    """Run the recipe; returns the process exit code (2: bad input, nothing trained)."""
     parser = build_parser()
     config = config_from_args(parser.parse_args(argv))
     # fastai builds a few activations with torch.jit.script, which torch now deprecates;
     # the warning is fastai's to fix and says nothing about this run.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-    if config.data is None and config.dataset == "digits" and config.size < 8:
-        parser.error(f"--size must be >= 8 for digits (8x8 images), got {config.size}")
+    start = time.perf_counter()
     try:
-        path = resolve_data_path(config)
-        start = time.perf_counter()
-        results = train_runs(config, path)
+        config, path = prepare_run(config)  # every check before the first step of training
+        title = _title(config, path)
+        results = _train(config, path, title)
     except RecipeError as error:
-        # Bad input or a missing dataset/engine: a one-line explanation, not a traceback.
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    total = time.perf_counter() - start
-    title = f"{path.name if path else 'digits'}, {config.epochs} epochs, {config.engine}"
-    png = plot_results(results, config.output, title)
-    print(f"\nResults ({title}, seed {config.seed}):\n")
-    print(format_table(results, config.epochs))
-    print(f"\nTotal training time: {total:.1f} s")
-    print(f"Loss curves and learning-rate schedules written to {png.resolve()}")
+    # The results first: nothing that can fail afterwards (the plot) can lose them.
+    _print_results(config, results, title)
+    print(_timing_line(results, time.perf_counter() - start))
+    try:
+        png = plot_results(results, config.output, title)
+    except Exception as error:  # matplotlib, the disk: the run itself is done and printed
+        print(f"{parser.prog}: error: could not write {config.output}: {error}", file=sys.stderr)
+        return 1
+    print(f"Loss curves, accuracies and learning-rate schedules written to {png.resolve()}")
     return 0
 
 

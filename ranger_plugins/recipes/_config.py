@@ -73,6 +73,8 @@ class RecipeConfig:
     data: Path | None = None
     epochs: int = DIGITS_DEFAULTS.epochs
     seed: int = 42
+    #: Train every run with seeds ``seed``, ``seed + 1``, ..., ``seed + seeds - 1``.
+    seeds: int = 1
     size: int = DIGITS_DEFAULTS.size
     bs: int = DIGITS_DEFAULTS.bs
     lr: float = DIGITS_DEFAULTS.lr
@@ -95,6 +97,11 @@ class RecipeConfig:
         """The runs to train, recipe first."""
         return [RECIPE, BASELINE] if self.baseline else [RECIPE]
 
+    @property
+    def seed_list(self) -> list[int]:
+        """Every seed to train each run with, in order."""
+        return [self.seed + i for i in range(self.seeds)]
+
 
 @dataclass
 class RunResult:
@@ -104,12 +111,13 @@ class RunResult:
     spec: RunSpec
     accuracy: float
     valid_loss: float
-    seconds: float
+    seconds: float  # the fit alone (data loading and model building are not included)
     train_losses: list[float]
     lrs: list[float]
     valid_iters: list[int]
     valid_losses: list[float]
     model_name: str = ""
+    seed: int = 42
     #: The trained model (holding the Lookahead slow weights, synced at the end of fit, for
     #: Ranger) and the optimizer that trained it (the core ``torch.optim.Optimizer``).
     model: Any = field(default=None, repr=False)

@@ -3,6 +3,7 @@ ImageNet-style folders (``train/<class>/*``, ``val/<class>/*``) such as Imagenet
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,9 +15,12 @@ __all__ = [
     "RecipeError",
     "RecipeInputError",
     "DigitsSplit",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderSummary",
     "check_image_folder",
     "digits_split",
     "fetch_dataset",
+    "scan_image_folder",
 ]
 
 DIGITS_CLASSES = 10
@@ -81,30 +85,114 @@ def digits_split(size: int) -> DigitsSplit:
     return DigitsSplit(size)
 
 
-def check_image_folder(path: Path) -> list[str]:
-    """Check ``path`` is an ImageNet-style folder and return its class names (sorted).
+#: The image files both engines load: torchvision's ``ImageFolder`` extensions; the fastai
+#: engine passes the same list to ``get_image_files`` so both train on the same files.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_LAYOUT = "PATH/train/<class>/*.jpg and PATH/val/<class>/*.jpg"
+_SHOWN = 3  # how many offending files or folders an error message names
 
-    Raises `RecipeInputError` (a ``ValueError``) naming what is missing: ``train/`` and
-    ``val/`` with the same class subfolders.
+
+@dataclass(frozen=True)
+class ImageFolderSummary:
+    """What `scan_image_folder` found: the class names and the image count of each split."""
+
+    classes: list[str]
+    train_images: int
+    val_images: int
+
+
+def _image_files(folder: Path) -> list[Path]:
+    # Recursive, as both ImageFolder and fastai's get_image_files are.
+    return sorted(
+        f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+    )
+
+
+def _split_classes(path: Path, split: str) -> dict[str, list[Path]]:
+    folder = path / split
+    if not folder.is_dir():
+        raise RecipeInputError(f"--data {path}: no '{split}' folder (expected {_LAYOUT})")
+    classes = {d.name: _image_files(d) for d in sorted(folder.iterdir()) if d.is_dir()}
+    if not classes:
+        raise RecipeInputError(f"--data {path}: '{split}' has no class folders ({_LAYOUT})")
+    return classes
+
+
+def _examples(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    return shown if len(items) <= _SHOWN else f"{shown} and {len(items) - _SHOWN} more"
+
+
+def _unreadable_image(file: Path) -> str | None:
+    """Why PIL cannot decode ``file``, or None if it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as image:
+            image.draft("RGB", (256, 256))  # JPEGs decode at a reduced scale: fast, still full
+            image.load()
+    # PIL reports broken files with OSError (UnidentifiedImageError, truncated data),
+    # SyntaxError (broken PNG chunks) or ValueError, depending on the format.
+    except (OSError, SyntaxError, ValueError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+def _check_images(path: Path, files: list[Path]) -> None:
+    bad = [(f, reason) for f in files if (reason := _unreadable_image(f)) is not None]
+    if bad:
+        named = [f"{f.relative_to(path)} ({reason})" for f, reason in bad]
+        raise RecipeInputError(
+            f"--data {path}: {len(bad)} of {len(files)} images cannot be read: "
+            f"{_examples(named)}; fix or remove them"
+        )
+
+
+def scan_image_folder(path: Path, *, read_images: bool = True) -> ImageFolderSummary:
+    """Check ``path`` is an ImageNet-style folder both engines can train on.
+
+    Raises `RecipeInputError` (a ``ValueError``) with a one-line message for: a missing
+    ``train/`` or ``val/``, no class folders, train and val with different classes, a class
+    folder without images (``IMAGE_EXTENSIONS``), and, with ``read_images``, any image PIL
+    cannot decode (every image is decoded once, at a reduced scale for JPEGs).
     """
     path = Path(path)
-    layout = "PATH/train/<class>/*.jpg and PATH/val/<class>/*.jpg"
     if not path.is_dir():
-        raise RecipeInputError(f"--data {path}: not a directory (expected {layout})")
-    splits = {}
-    for split in ("train", "val"):
-        folder = path / split
-        if not folder.is_dir():
-            raise RecipeInputError(f"--data {path}: no '{split}' folder (expected {layout})")
-        splits[split] = sorted(d.name for d in folder.iterdir() if d.is_dir())
-        if not splits[split]:
-            raise RecipeInputError(f"--data {path}: '{split}' has no class folders ({layout})")
-    if splits["train"] != splits["val"]:
+        raise RecipeInputError(f"--data {path}: not a directory (expected {_LAYOUT})")
+    splits = {split: _split_classes(path, split) for split in ("train", "val")}
+    train, val = sorted(splits["train"]), sorted(splits["val"])
+    if train != val:
         raise RecipeInputError(
             f"--data {path}: train and val have different classes: "
-            f"train {splits['train']}, val {splits['val']}"
+            f"only in train {sorted(set(train) - set(val))}, "
+            f"only in val {sorted(set(val) - set(train))}"
         )
-    return splits["train"]
+    empty = [
+        f"{split}/{name}"
+        for split, classes in splits.items()
+        for name, files in classes.items()
+        if not files
+    ]
+    if empty:
+        raise RecipeInputError(
+            f"--data {path}: class folders without images ({', '.join(IMAGE_EXTENSIONS)}): "
+            f"{_examples(empty)}"
+        )
+    files = [f for classes in splits.values() for group in classes.values() for f in group]
+    if read_images:
+        _check_images(path, files)
+    counts = {split: sum(map(len, classes.values())) for split, classes in splits.items()}
+    return ImageFolderSummary(train, counts["train"], counts["val"])
+
+
+def class_names(path: Path) -> list[str]:
+    """The class folders of ``path``'s ``train/`` (sorted), without checking anything."""
+    return sorted(d.name for d in (Path(path) / "train").iterdir() if d.is_dir())
+
+
+def check_image_folder(path: Path) -> list[str]:
+    """Check ``path`` with `scan_image_folder` and return its class names (sorted)."""
+    return scan_image_folder(path).classes
 
 
 def dataset_url(name: str, size: int) -> str:

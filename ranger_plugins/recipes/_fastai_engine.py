@@ -8,7 +8,13 @@ from functools import partial
 import torch
 
 from ._config import LABEL_SMOOTHING, RANGER_HYPERS, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
-from ._data import EngineUnavailableError, RecipeInputError, check_image_folder, digits_split
+from ._data import (
+    IMAGE_EXTENSIONS,
+    EngineUnavailableError,
+    RecipeInputError,
+    class_names,
+    digits_split,
+)
 from ._models import build_xresnet, model_name
 
 __all__ = ["train_fastai"]
@@ -17,13 +23,13 @@ __all__ = ["train_fastai"]
 def _recipe_optimizer(config: RecipeConfig):
     """The fastai adapter's Ranger opt_func and Lookahead evaluation callback."""
     try:
-        from ranger_plugins.fastai import LookaheadEvalCallback, ranger
+        from ranger_plugins.fastai import LookaheadCallback, ranger
     except ImportError as error:
         raise EngineUnavailableError(
-            f"the fastai engine needs ranger_plugins.fastai (ranger, LookaheadEvalCallback), "
+            f"the fastai engine needs ranger_plugins.fastai (ranger, LookaheadCallback), "
             f"which could not be imported: {error}. Try --engine lightning."
         ) from error
-    return partial(ranger, **RANGER_HYPERS, gc=config.gc), [LookaheadEvalCallback()]
+    return partial(ranger, **RANGER_HYPERS, gc=config.gc), [LookaheadCallback()]
 
 
 def _dataloaders(config: RecipeConfig, path):
@@ -36,7 +42,7 @@ def _dataloaders(config: RecipeConfig, path):
         ImageBlock,
         Normalize,
         RandomResizedCrop,
-        get_image_files,
+        get_files,
         imagenet_stats,
         parent_label,
     )
@@ -47,10 +53,11 @@ def _dataloaders(config: RecipeConfig, path):
         valid = torch.utils.data.TensorDataset(digits.x_valid, digits.y_valid)
         dls = DataLoaders.from_dsets(train, valid, bs=config.bs, num_workers=0)
         return dls, len(digits.classes), 1
-    classes = check_image_folder(path)
+    classes = class_names(path)
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock),
-        get_items=get_image_files,
+        # The files the folder scan read, and the ones the Lightning engine's ImageFolder loads.
+        get_items=partial(get_files, extensions=set(IMAGE_EXTENSIONS)),
         splitter=GrandparentSplitter(train_name="train", valid_name="val"),
         get_y=parent_label,
         # The leaderboard's augmentation: random resized crops down to 35% of the image and
@@ -147,6 +154,7 @@ def train_fastai(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult:
         valid_iters=[per_epoch * (epoch + 1) for epoch in range(len(values))],
         valid_losses=[row[1] for row in values],
         model_name=model_name(config.arch, spec.activation, config.self_attention),
+        seed=config.seed,
         model=learn.model,
         # RangerOptimWrapper keeps the core optimizer in `.opt`; fastai's own Adam is itself.
         optimizer=getattr(learn.opt, "opt", learn.opt),

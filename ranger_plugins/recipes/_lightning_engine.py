@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._config import LABEL_SMOOTHING, RANGER_HYPERS, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
-from ._data import EngineUnavailableError, check_image_folder, digits_split
+from ._data import EngineUnavailableError, class_names, digits_split
 from ._models import build_xresnet, model_name
 
 __all__ = ["train_lightning"]
@@ -49,7 +49,7 @@ def _loaders(config: RecipeConfig, path) -> tuple[Any, Any, int, int]:
     else:
         from torchvision import datasets, transforms
 
-        classes = check_image_folder(path)
+        classes = class_names(path)
         normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         # The leaderboard's augmentation (fastai's RandomResizedCrop(min_scale=0.35) and a
         # flip); validation gets a centre crop with fastai's 14% margin.
@@ -88,8 +88,63 @@ def _loaders(config: RecipeConfig, path) -> tuple[Any, Any, int, int]:
     return train_loader, valid_loader, n_classes, channels
 
 
+def _optimizers(module, config: RecipeConfig, spec: RunSpec) -> dict[str, Any]:
+    """What the run's ``configure_optimizers`` returns: Ranger + flat-cos, or the baseline."""
+    _, _, _, no_decay_param_groups, ranger_optimizers = _adapter()
+    if spec.optimizer == "ranger":
+        hypers = RANGER_HYPERS
+        return ranger_optimizers(
+            module,
+            lr=config.lr,
+            schedule="flat_cos",
+            pct_start=config.pct_start,
+            betas=(hypers["mom"], hypers["sqr_mom"]),
+            eps=hypers["eps"],
+            weight_decay=hypers["wd"],
+            k=hypers["k"],
+            alpha=hypers["alpha"],
+            use_gc=config.gc,
+        )
+    # The baseline: AdamW with fastai's one-cycle (lr from lr/25 up to lr over the first 25%,
+    # then cosine down to lr/1e5; beta1 cycled 0.95 -> 0.85 -> 0.95).
+    optimizer = torch.optim.AdamW(
+        no_decay_param_groups(module, WEIGHT_DECAY), lr=config.lr, betas=(0.95, 0.99), eps=1e-5
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=config.lr,
+        total_steps=module.trainer.estimated_stepping_batches,
+        pct_start=0.25,
+        div_factor=25.0,
+        final_div_factor=1e5 / 25.0,
+        base_momentum=0.85,
+        max_momentum=0.95,
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _batch_history(pl, override):
+    class BatchHistory(pl.Callback):
+        """Raw training loss and learning rate of every optimizer step."""
+
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.lrs: list[float] = []
+
+        @override
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            # Read before the step: the lr this batch is trained with.
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        @override
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    return BatchHistory()
+
+
 def _module_and_history(config: RecipeConfig, spec: RunSpec, model: nn.Module):
-    pl, override, _, no_decay_param_groups, ranger_optimizers = _adapter()
+    pl, override, _, _, _ = _adapter()
 
     class RecipeModule(pl.LightningModule):
         """A classifier trained with the run's optimizer and schedule, label smoothing 0.1."""
@@ -139,60 +194,9 @@ def _module_and_history(config: RecipeConfig, spec: RunSpec, model: nn.Module):
 
         @override
         def configure_optimizers(self):
-            if spec.optimizer == "ranger":
-                hypers = RANGER_HYPERS
-                return ranger_optimizers(
-                    self,
-                    lr=config.lr,
-                    schedule="flat_cos",
-                    pct_start=config.pct_start,
-                    betas=(hypers["mom"], hypers["sqr_mom"]),
-                    eps=hypers["eps"],
-                    weight_decay=hypers["wd"],
-                    k=hypers["k"],
-                    alpha=hypers["alpha"],
-                    use_gc=config.gc,
-                )
-            # The baseline: AdamW with fastai's one-cycle (lr from lr/25 up to lr over the
-            # first 25%, then cosine down to lr/1e5; beta1 cycled 0.95 -> 0.85 -> 0.95).
-            optimizer = torch.optim.AdamW(
-                no_decay_param_groups(self, WEIGHT_DECAY),
-                lr=config.lr,
-                betas=(0.95, 0.99),
-                eps=1e-5,
-            )
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer,
-                max_lr=config.lr,
-                total_steps=self.trainer.estimated_stepping_batches,
-                pct_start=0.25,
-                div_factor=25.0,
-                final_div_factor=1e5 / 25.0,
-                base_momentum=0.85,
-                max_momentum=0.95,
-            )
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-            }
+            return _optimizers(self, config, spec)
 
-    class BatchHistory(pl.Callback):
-        """Raw training loss and learning rate of every optimizer step."""
-
-        def __init__(self) -> None:
-            self.losses: list[float] = []
-            self.lrs: list[float] = []
-
-        @override
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            # Read before the step: the lr this batch is trained with.
-            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-        @override
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.losses.append(float(outputs["loss"]))
-
-    return RecipeModule(), BatchHistory()
+    return RecipeModule(), _batch_history(pl, override)
 
 
 def train_lightning(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult:
@@ -240,6 +244,7 @@ def train_lightning(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult
         valid_iters=module.valid_iters,
         valid_losses=module.valid_losses,
         model_name=model_name(config.arch, spec.activation, config.self_attention),
+        seed=config.seed,
         model=module.model,
         optimizer=trainer.optimizers[0],
     )

@@ -1,30 +1,70 @@
-"""The printed table and the PNG of loss curves and learning-rate schedules."""
+"""The printed table and the plot: loss curves, accuracy over seeds, learning-rate schedules."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from ._config import RunResult
 
-__all__ = ["format_table", "plot_results"]
+__all__ = ["format_per_seed", "format_table", "group_runs", "plot_results"]
 
 _OPTIMIZER_NAMES = {"ranger": "Ranger", "adamw": "AdamW"}
 _SCHEDULE_NAMES = {"flat_cos": "flat + cosine", "one_cycle": "one-cycle"}
+_COLORS = ["tab:red", "tab:blue", "tab:green", "tab:orange"]
+
+
+def group_runs(results: list[RunResult]) -> dict[str, list[RunResult]]:
+    """The results of each run (recipe, baseline), one per seed, in the order they came."""
+    groups: dict[str, list[RunResult]] = {}
+    for result in results:
+        groups.setdefault(result.spec.name, []).append(result)
+    return groups
+
+
+def _seeds(runs: list[RunResult]) -> str:
+    seeds = [r.seed for r in runs]
+    contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    if len(seeds) > 1 and contiguous:
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """``mean`` for one value; ``mean ± standard deviation`` (n - 1) for several."""
+    mean = fmt.format(statistics.fmean(values))
+    return mean if len(values) == 1 else f"{mean} ± {fmt.format(statistics.stdev(values))}"
 
 
 def format_table(results: list[RunResult], epochs: int) -> str:
-    """A plain-text (and Markdown) table: one row per run."""
+    """A plain-text (and Markdown) table: one row per run, its metrics over every seed (mean
+    ± standard deviation when there are several) and its training time summed over seeds."""
     header = (
-        "| run | model | optimizer | schedule | epochs | valid accuracy | valid loss | train time |"
+        "| run | model | optimizer | schedule | epochs | seeds | valid accuracy | valid loss "
+        "| train time |"
     )
-    rule = "|---|---|---|---|---:|---:|---:|---:|"
-    rows = [
-        f"| {r.spec.name} | {r.model_name} | {_OPTIMIZER_NAMES[r.spec.optimizer]} "
-        f"| {_SCHEDULE_NAMES[r.spec.schedule]} | {epochs} | {r.accuracy:.2%} "
-        f"| {r.valid_loss:.4f} | {r.seconds:.1f} s |"
-        for r in results
-    ]
+    rule = "|---|---|---|---|---:|---:|---:|---:|---:|"
+    rows = []
+    for runs in group_runs(results).values():
+        spec = runs[0].spec
+        accuracy = _spread([100 * r.accuracy for r in runs], "{:.2f}")
+        loss = _spread([r.valid_loss for r in runs], "{:.4f}")
+        seconds = sum(r.seconds for r in runs)
+        rows.append(
+            f"| {spec.name} | {runs[0].model_name} | {_OPTIMIZER_NAMES[spec.optimizer]} "
+            f"| {_SCHEDULE_NAMES[spec.schedule]} | {epochs} | {_seeds(runs)} | {accuracy}% "
+            f"| {loss} | {seconds:.1f} s |"
+        )
     return "\n".join([header, rule, *rows])
+
+
+def format_per_seed(results: list[RunResult]) -> str:
+    """Each run's validation accuracy and loss seed by seed, one line per run."""
+    lines = []
+    for name, runs in group_runs(results).items():
+        each = ", ".join(f"{r.seed}: {r.accuracy:.2%} / {r.valid_loss:.4f}" for r in runs)
+        lines.append(f"{name} (seed: accuracy / loss): {each}")
+    return "\n".join(lines)
 
 
 def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -36,9 +76,58 @@ def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
     return smoothed
 
 
+def _label(run: RunResult) -> str:
+    return f"{run.spec.name}: {run.model_name}, {_OPTIMIZER_NAMES[run.spec.optimizer]}"
+
+
+def _plot_losses(ax, runs: list[RunResult], color: str) -> None:
+    """Training loss (smoothed; the band spans the seeds) and validation loss per epoch
+    (mean, with the seeds' standard deviation as error bars)."""
+    import numpy as np
+
+    length = min(len(r.train_losses) for r in runs)
+    curves = np.array([_smooth(r.train_losses[:length]) for r in runs])
+    iterations = np.arange(1, length + 1)
+    if len(runs) == 1:  # the raw loss behind the smoothed one
+        ax.plot(iterations, runs[0].train_losses[:length], color=color, alpha=0.15, lw=0.8)
+    else:
+        ax.fill_between(iterations, curves.min(0), curves.max(0), color=color, alpha=0.25)
+    several = len(runs) > 1
+    train_note = "train, band: range over seeds" if several else "train"
+    ax.plot(iterations, curves.mean(0), color=color, label=f"{_label(runs[0])} ({train_note})")
+    valid = np.array([r.valid_losses for r in runs])
+    ax.errorbar(
+        runs[0].valid_iters,
+        valid.mean(0),
+        yerr=valid.std(0, ddof=1) if several else None,
+        color=color,
+        linestyle="--",
+        marker="o",
+        capsize=3,
+        label=f"{_label(runs[0])} ({'valid, mean ± std' if several else 'valid'})",
+    )
+
+
+def _plot_accuracies(ax, groups: dict[str, list[RunResult]]) -> None:
+    """Every seed's final validation accuracy as a dot, the mean as a bar."""
+    for x, (runs, color) in enumerate(zip(groups.values(), _COLORS)):
+        accuracies = [100 * r.accuracy for r in runs]
+        offsets = (
+            [0.0]
+            if len(runs) == 1
+            else [(i / (len(runs) - 1) - 0.5) * 0.3 for i in range(len(runs))]
+        )
+        ax.scatter([x + o for o in offsets], accuracies, color=color, alpha=0.7, zorder=3)
+        ax.hlines(statistics.fmean(accuracies), x - 0.25, x + 0.25, color=color, linewidth=2)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set(title="Validation accuracy (dots: seeds, bar: mean)", ylabel="accuracy (%)")
+
+
 def plot_results(results: list[RunResult], path: Path, title: str) -> Path:
-    """Write the loss curves (training per iteration, validation per epoch) and the
-    learning-rate schedules of ``results`` to ``path`` (PNG) and return the path."""
+    """Write the loss curves (training per iteration, validation per epoch), the final
+    accuracy of every seed and the learning-rate schedules of ``results`` to ``path`` (any
+    format matplotlib writes, from its suffix) and return the path."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -46,38 +135,33 @@ def plot_results(results: list[RunResult], path: Path, title: str) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = ["tab:red", "tab:blue", "tab:green", "tab:orange"]
-    for result, color in zip(results, colors):
-        label = (
-            f"{result.spec.name}: {result.model_name}, {_OPTIMIZER_NAMES[result.spec.optimizer]}"
-        )
-        iterations = range(1, len(result.train_losses) + 1)
-        loss_ax.plot(iterations, result.train_losses, color=color, alpha=0.15, linewidth=0.8)
-        loss_ax.plot(
-            iterations, _smooth(result.train_losses), color=color, label=f"{label} (train)"
-        )
-        loss_ax.plot(
-            result.valid_iters,
-            result.valid_losses,
-            color=color,
-            linestyle="--",
-            marker="o",
-            label=f"{label} (valid)",
-        )
-        lr_ax.plot(
-            iterations,
-            result.lrs,
-            color=color,
-            label=f"{result.spec.name}: {_SCHEDULE_NAMES[result.spec.schedule]}",
-        )
-    loss_ax.set(title=f"Loss: {title}", xlabel="iteration", ylabel="loss (label smoothing 0.1)")
-    loss_ax.legend(fontsize=8)
-    loss_ax.grid(alpha=0.3)
-    lr_ax.set(title="Learning rate", xlabel="iteration", ylabel="lr")
-    lr_ax.legend(fontsize=8)
-    lr_ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    groups = group_runs(results)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 1.2, 2]})
+    try:
+        _draw(axes, groups, title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)  # also when writing fails: a long-lived caller keeps no open figure
     return path
+
+
+def _draw(axes, groups: dict[str, list[RunResult]], title: str) -> None:
+    loss_ax, acc_ax, lr_ax = axes
+    for runs, color in zip(groups.values(), _COLORS):
+        _plot_losses(loss_ax, runs, color)
+        # Every seed follows the same schedule: the first seed's stands for all.
+        spec = runs[0].spec
+        lr_ax.plot(
+            range(1, len(runs[0].lrs) + 1),
+            runs[0].lrs,
+            color=color,
+            label=f"{spec.name}: {_SCHEDULE_NAMES[spec.schedule]}",
+        )
+    _plot_accuracies(acc_ax, groups)
+    loss_ax.set(title=f"Loss: {title}", xlabel="iteration", ylabel="loss (label smoothing 0.1)")
+    lr_ax.set(title="Learning rate", xlabel="iteration", ylabel="lr")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    loss_ax.legend(fontsize=8)
+    lr_ax.legend(fontsize=8)
