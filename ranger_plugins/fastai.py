@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
-from fastai.callback.core import Callback
-from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
+from fastai.callback.core import Callback  # type: ignore[import-untyped]
+from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg  # type: ignore[import-untyped]
 
 from .lookahead import LookaheadControls, check_weights_after_fit
 from .ranger import Ranger, check_hyperparameters
@@ -226,18 +226,8 @@ class _TrainingStateBeforeFinish:
             raise ValueError(f"{BEFORE_FINISH_KEY!r} needs dicts 'fast' and 'slow_param'")
         entries = []
         for index, fast_weights in fast.items():
-            param = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
+            param = _param_fitting(params, index, fast_weights, slow.get(index, fast_weights))
             slow_weights = slow.get(index)
-            for tensor in (fast_weights, slow_weights if index in slow else fast_weights):
-                if (
-                    param is None
-                    or not isinstance(tensor, torch.Tensor)
-                    or tensor.shape != param.shape
-                ):
-                    raise ValueError(
-                        f"{BEFORE_FINISH_KEY!r}: entry {index!r} does not fit a parameter of "
-                        "this optimizer"
-                    )
             entries.append(
                 (
                     param,
@@ -246,6 +236,18 @@ class _TrainingStateBeforeFinish:
                 )
             )
         return cls(entries)
+
+
+def _param_fitting(params: list[torch.Tensor], index: Any, *saved: Any) -> torch.Tensor:
+    """``params[index]``, if it exists and every saved tensor has its shape."""
+    param = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
+    if param is None or not all(
+        isinstance(tensor, torch.Tensor) and tensor.shape == param.shape for tensor in saved
+    ):
+        raise ValueError(
+            f"{BEFORE_FINISH_KEY!r}: entry {index!r} does not fit a parameter of this optimizer"
+        )
+    return param
 
 
 class RangerOptimWrapper(OptimWrapper):

@@ -115,7 +115,7 @@ def _check_not_fsdp1_flattened(groups: list[dict[str, Any]], use_gc: bool) -> No
 
 def _estimated_total_steps(module: nn.Module) -> int:
     try:
-        trainer = module.trainer  # LightningModule raises RuntimeError when not attached
+        trainer: Any = module.trainer  # LightningModule raises RuntimeError when not attached
     except (AttributeError, RuntimeError):
         trainer = None
     if trainer is None:
@@ -183,7 +183,7 @@ def ranger_optimizers(
     if schedule != "constant" and total_steps is None:
         total_steps = _estimated_total_steps(module)
     optimizer = Ranger(groups, lr=lr, weight_decay=weight_decay, **ranger_kwargs)
-    if schedule == "constant":
+    if schedule == "constant" or total_steps is None:
         return {"optimizer": optimizer}
     scheduler: OptimizerStepLR
     if schedule == "flat_cos":
@@ -319,7 +319,7 @@ def _saved_fast_state(trainer: Any, checkpoint: Mapping[str, Any]) -> Mapping[st
     return fast_state
 
 
-class LookaheadCallback(*_callback_bases()):
+class LookaheadCallback(*_callback_bases()):  # type: ignore[misc]
     """Evaluate and checkpoint the Lookahead slow weights of `Ranger` / `Lookahead`.
 
     * Validation during ``fit`` runs on the slow weights: they are put into the model at
@@ -544,6 +544,6 @@ class LookaheadCallback(*_callback_bases()):
 
             full = not _holds_dtensors(fast_state)  # from a single-file checkpoint
             options = StateDictOptions(full_state_dict=full, strict=True)
-            set_model_state_dict(strategy.model, fast_state, options=options)
+            set_model_state_dict(strategy.model, dict(fast_state), options=options)
         else:
             strategy.load_model_state_dict({"state_dict": fast_state})
