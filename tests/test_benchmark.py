@@ -1,0 +1,82 @@
+"""The benchmark (``benchmarks/bench.py``) runs every row and writes its chart and report."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("ranger_benchmarks_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_times_every_row_and_writes_chart_and_report(tmp_path, capsys):
+    bench = _load_bench()
+    chart, report = tmp_path / "bench.png", tmp_path / "docs" / "performance.md"
+    report.parent.mkdir()
+    report.write_text(
+        f"# Performance\n\nKept above.\n\n{bench.REPORT_BEGIN}\nold figures\n{bench.REPORT_END}\n"
+        "\nKept below.\n"
+    )
+    threads = torch.get_num_threads()
+    try:
+        run = bench.main(
+            ["--quick", "--rounds", "1", "--threads", "1", "--device", "cpu"]
+            + ["--output", str(chart), "--report", str(report)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+
+    assert [w.name for w in run.workloads] == list(bench.WORKLOAD_NAMES)
+    expected_rows = [row.name for row in bench.build_rows(include_fused=True)]
+    for workload in run.workloads:
+        assert [row.name for row in workload.rows] == expected_rows  # every row timed
+        assert not workload.skipped
+        assert workload.floor_ms > 0
+        for row in workload.rows:
+            assert row.ms > 0 and row.x_floor > 0
+        assert {peer for _, peer, speedup in workload.gc_speedups if speedup > 0} == {
+            "pytorch_optimizer.Ranger (GC)"
+        }
+        ours = [row.name for row in workload.rows if row.kind == "ours"]
+        assert sorted(workload.memory) == sorted(ours)
+        for state_bytes, peak in workload.memory.values():
+            assert state_bytes == 3 * workload.param_bytes
+            assert peak >= 0
+    assert [label for label, _, _ in run.epochs] == [
+        "fastai Learner epoch, ranger_plugins.fastai.ranger (no GC, fastai's default)",
+        "fastai Learner epoch, ranger_plugins.fastai.ranger(fused=True)",
+        "fastai Learner epoch, fastai.optimizer.ranger (no GC)",
+        "Lightning epoch, ranger_plugins.lightning.ranger_optimizers (GC on)",
+        "Lightning epoch, ranger_optimizers(use_gc=False) (like the peer)",
+        "Lightning epoch, ranger_optimizers(fused=True) (GC on)",
+        "Lightning epoch, torch_optimizer.Ranger (no GC; + closure call)",
+    ]
+    for label, seconds, note in run.epochs:
+        assert seconds is not None and seconds > 0, (label, note)  # timed, not skipped
+        assert f"{label} " in out
+
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.read_text()
+    # The generated part is rewritten between its markers; the text around it is kept.
+    assert text.startswith("# Performance\n\nKept above.\n\n" + bench.REPORT_BEGIN)
+    assert text.endswith(bench.REPORT_END + "\n\nKept below.\n")
+    assert "old figures" not in text
+    assert f"- torch: {torch.__version__}" in text
+    assert "- CPU threads: 1" in text
+    assert "`python benchmarks/bench.py --quick --rounds 1 --threads 1" in text
+    assert "](../bench.png)" in text  # the chart, relative to the report
+    for name in expected_rows + [label for label, _, _ in run.epochs]:
+        assert f"| {name} |" in text or f"| **{name}** |" in text, name
