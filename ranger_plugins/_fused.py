@@ -20,8 +20,8 @@ import torch
 from . import _cpu_kernel
 from ._math import rectification
 from ._multi_tensor import _multi_tensor_ranger
+from ._state import PLAIN_TENSOR_TYPES
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _NO_GC = 1 << 30  # a `gc_min_dim` no tensor exceeds
 
 
@@ -54,7 +54,7 @@ def _kernel_may_apply(params: list[torch.Tensor]) -> bool:
     return (
         bool(params)
         and params[0].device.type == "cpu"
-        and all(type(param) in _PLAIN_TYPES for param in params)
+        and all(type(param) in PLAIN_TENSOR_TYPES for param in params)
     )
 
 

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from ._math import _gc_applies, centralize_gradient, rectification
+from ._state import PLAIN_TENSOR_TYPES
 from .lookahead import _copy_into
 
 # Elements per wave: 2 MiB per fp32 operand, so the five operands of a wave (p, grad, m, v and
@@ -46,8 +47,6 @@ _ACCELERATOR_MIN_WAVE_NUMEL = 1 << 24
 _SMALL_GC_NUMEL = 1 << 15
 # Waves of at least this many whole tensors update their moments as flat buffers.
 _MIN_GATHERED_PIECES = 4
-
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 class _Bucket(NamedTuple):
@@ -266,7 +265,7 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> float | t
 def _chunkable(*tensors: torch.Tensor) -> bool:
     # Flat views need plain contiguous tensors (not DTensors or other subclasses).
     for tensor in tensors:
-        if type(tensor) not in _PLAIN_TYPES or not tensor.is_contiguous():
+        if type(tensor) not in PLAIN_TENSOR_TYPES or not tensor.is_contiguous():
             return False
     return True
 
@@ -486,7 +485,7 @@ class _Plan:
         """Whether this plan still holds for these gradients (and the params' storage)."""
         for index in self._contiguous_grads:
             grad = grads[index]
-            if type(grad) not in _PLAIN_TYPES or not grad.is_contiguous():
+            if type(grad) not in PLAIN_TENSOR_TYPES or not grad.is_contiguous():
                 return False
         for owned, pointers in self._chunked:
             if tuple(t.data_ptr() for t in owned) != pointers:

@@ -24,6 +24,10 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 # left alone too: torch decides its device (CPU unless capturable/fused).
 _STATE_DTYPES = dict.fromkeys(LOW_PRECISION, torch.float32)
 
+#: Tensors whose storage the fast paths may view and point kernels at: not DTensors or other
+#: subclasses (`nn.Parameter` of a DTensor has the DTensor's type).
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
     """The dtype the optimizer keeps state in and does its arithmetic in for `param`."""

@@ -18,6 +18,7 @@ import torch
 from torch.optim import Optimizer
 
 from ._state import (
+    PLAIN_TENSOR_TYPES,
     check_lookahead_args,
     check_param_states,
     check_state_dict_matches,
@@ -43,10 +44,11 @@ def check_weights_after_fit(weights_after_fit: str) -> None:
 def _copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     # `torch._foreach_copy_` has no DTensor rule (FSDP2), and it needs matching dtypes.
     # Plain params count as plain tensors (`nn.Parameter` of a DTensor has the DTensor type).
-    plain = (torch.Tensor, torch.nn.Parameter)
     if not destinations:
         return
-    if all(type(d) in plain and d.dtype == s.dtype for d, s in zip(destinations, sources)):
+    if all(
+        type(d) in PLAIN_TENSOR_TYPES and d.dtype == s.dtype for d, s in zip(destinations, sources)
+    ):
         torch._foreach_copy_(destinations, sources)
     else:
         for destination, source in zip(destinations, sources):
@@ -170,9 +172,9 @@ class Lookahead(LookaheadControls, Optimizer):
             group.setdefault("lookahead_alpha", alpha)
         self._lookahead_defaults = {"lookahead_k": k, "lookahead_alpha": alpha}
 
-    state = _shared_with_inner("state")  # type: ignore[assignment]
-    param_groups = _shared_with_inner("param_groups")  # type: ignore[assignment]
-    defaults = _shared_with_inner("defaults")  # type: ignore[assignment]
+    state = _shared_with_inner("state")
+    param_groups = _shared_with_inner("param_groups")
+    defaults = _shared_with_inner("defaults")
 
     def __repr__(self) -> str:
         k, alpha = self._lookahead_defaults.values()
