@@ -3,6 +3,7 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
+    # Every test starts from the same global RNG state, whatever ran before it.
     torch.manual_seed(0)
     yield

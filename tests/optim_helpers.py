@@ -7,14 +7,19 @@ import torch
 SHAPES = [(4, 3, 3, 3), (5, 7), (6,), ()]
 
 
-def make_params(dtypes=(torch.float64,), shapes=SHAPES, seed=0):
-    """Parameters of mixed shapes (a 4-D conv weight, a matrix, a vector, a scalar)."""
+def make_params(dtypes=(torch.float64,), shapes=SHAPES, seed=0, channels_last=False):
+    """Parameters of mixed shapes (by default a 4-D conv weight, a matrix, a vector, a
+    scalar), drawn in float64 and cast, for each of ``dtypes`` (one dtype or several); 4-D
+    ones channels_last if asked. The one parameter factory of the optimizer tests."""
     generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype))
-        for dtype in dtypes
-        for shape in shapes
-    ]
+    params = []
+    for dtype in dtypes if isinstance(dtypes, (tuple, list)) else (dtypes,):
+        for shape in shapes:
+            value = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+            if channels_last and value.dim() == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+            params.append(torch.nn.Parameter(value))
+    return params
 
 
 def clone_params(params):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import optim_helpers
 import pytest
 import torch
 
@@ -248,11 +249,7 @@ SHAPES: tuple[tuple[int, ...], ...] = ((4, 3, 3, 3), (6,), (5, 7), (), (3, 4))
 
 
 def make_params(dtype=torch.float64, shapes: Sequence[tuple[int, ...]] = SHAPES, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype))
-        for shape in shapes
-    ]
+    return optim_helpers.make_params(dtype, shapes, seed)
 
 
 def clone_params(params: Iterable[torch.Tensor], dtype=None) -> list[torch.nn.Parameter]:

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from optim_helpers import make_params
 
 from ranger_plugins import Ranger, _cpu_kernel
 
@@ -40,14 +41,7 @@ def kernel(request, monkeypatch):
 
 
 def _params(dtype, seed=0, channels_last=False):
-    generator = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in SHAPES:
-        value = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-        if channels_last and value.dim() == 4:
-            value = value.contiguous(memory_format=torch.channels_last)
-        params.append(torch.nn.Parameter(value))
-    return params
+    return make_params(dtype, SHAPES, seed, channels_last=channels_last)
 
 
 def _set_grads(params, generator, skip=()):

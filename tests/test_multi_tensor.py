@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optim_helpers import make_params
 
 from ranger_plugins import Ranger, _multi_tensor
 
@@ -35,11 +36,10 @@ def _small_waves(monkeypatch):
 
 
 def _make_params(dtype, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype) for s in SHAPES]
-    conv = torch.randn(6, 3, 2, 2, generator=generator, dtype=torch.float64).to(dtype)
-    params.append(conv.contiguous(memory_format=torch.channels_last))
-    return [torch.nn.Parameter(p) for p in params]
+    # The shapes above, then a channels_last conv weight (which the waves cannot cut).
+    return make_params(dtype, SHAPES, seed) + make_params(
+        dtype, [(6, 3, 2, 2)], seed + 1, channels_last=True
+    )
 
 
 def _grad_schedule(n_params, n_steps, seed=1):

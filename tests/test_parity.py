@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import optim_helpers
 import pytest
 import torch
 
@@ -19,11 +20,7 @@ SHAPES = [(4, 3, 3, 3), (5, 7), (6,), ()]
 
 
 def make_params(seed=0, shapes=SHAPES):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64))
-        for shape in shapes
-    ]
+    return optim_helpers.make_params(torch.float64, shapes, seed)
 
 
 def clone_params(params):
