@@ -272,3 +272,18 @@ def test_lightning_extra_alone_runs_the_recipes_up_to_the_extras_check(tmp_path)
     assert "the recipes need fastai, matplotlib, scikit-learn, not installed here" in (
         _last_line(result)
     )
+
+
+@pytest.mark.parametrize("extra", ["recipes", "all"])
+def test_recipes_extra_has_everything_the_main_job_imports(tmp_path, extra):
+    # A bad suffix is the first check after the packages: reaching it means none is missing.
+    result = run_python(
+        tmp_path, "-m", "ranger_plugins.recipes", "--output", "plot.txt", extra=extra
+    )
+    assert result.returncode == 2
+    assert "matplotlib cannot write '.txt' files" in _last_line(result)
+    result = run_python(
+        tmp_path, "-m", "ranger_plugins.recipes", "--engine", "lightning", "--output", "x.txt",
+        extra=extra,
+    )  # fmt: skip
+    assert "matplotlib cannot write '.txt' files" in _last_line(result)

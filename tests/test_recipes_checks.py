@@ -326,7 +326,11 @@ def test_total_time_adds_up_with_the_table(tmp_path, capsys, monkeypatch):
     times = [float(t) for t in re.findall(r"\| ([\d.]+) s \|", out)]
     assert times == [13.6, 12.3]
     total, training, rest = map(
-        float, re.search(r"Total ([\d.]+) s: ([\d.]+) s training.*\+ ([\d.]+) s", out).groups()
+        float,
+        re.search(
+            r"Total ([\d.]+) s \(from the checks to the last run\) = ([\d.]+) s training.*\+ ([\d.]+) s",
+            out,
+        ).groups(),
     )
     assert (total, training, rest) == pytest.approx((30.0, 25.9, 4.1))
     assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)

@@ -19,7 +19,14 @@ __all__ = [
 # The leaderboard hyperparameters (fastai Imagenette/Imagewoof records, 2019): Ranger with
 # mom 0.95, sqr_mom 0.99, eps 1e-6, true weight decay 1e-2 (none on norm/bias), flat lr then
 # cosine annealing from 72% of the iterations, label smoothing 0.1.
-RANGER_HYPERS = {"mom": 0.95, "sqr_mom": 0.99, "eps": 1e-6, "wd": 1e-2, "k": 6, "alpha": 0.5}
+RANGER_HYPERS: dict[str, Any] = {
+    "mom": 0.95,
+    "sqr_mom": 0.99,
+    "eps": 1e-6,
+    "wd": 1e-2,
+    "k": 6,
+    "alpha": 0.5,
+}
 LABEL_SMOOTHING = 0.1
 WEIGHT_DECAY = 1e-2
 

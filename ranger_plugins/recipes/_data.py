@@ -129,11 +129,13 @@ def _unreadable_image(file: Path) -> str | None:
 
     try:
         with Image.open(file) as image:
-            image.draft("RGB", (256, 256))  # JPEGs decode at a reduced scale: fast, still full
+            # JPEGs decode at a reduced scale: faster, and still read to their last byte.
+            image.draft("RGB", (256, 256))
             image.load()
     # PIL reports broken files with OSError (UnidentifiedImageError, truncated data),
-    # SyntaxError (broken PNG chunks) or ValueError, depending on the format.
-    except (OSError, SyntaxError, ValueError) as error:
+    # SyntaxError (broken PNG chunks) or ValueError, depending on the format, and refuses
+    # images too large to be anything but a decompression bomb.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return str(error) or type(error).__name__
     return None
 

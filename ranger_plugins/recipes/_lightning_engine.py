@@ -145,8 +145,10 @@ def _batch_history(pl, override):
 
 def _module_and_history(config: RecipeConfig, spec: RunSpec, model: nn.Module):
     pl, override, _, _, _ = _adapter()
+    # Lightning is imported at run time (it is optional): mypy takes the base as Any.
+    lightning_module: Any = pl.LightningModule
 
-    class RecipeModule(pl.LightningModule):
+    class RecipeModule(lightning_module):
         """A classifier trained with the run's optimizer and schedule, label smoothing 0.1."""
 
         def __init__(self) -> None:
