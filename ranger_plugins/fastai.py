@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
-from fastai.callback.core import Callback  # type: ignore[import-untyped]
-from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg  # type: ignore[import-untyped]
+from fastai.callback.core import Callback
+from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
 
 from .lookahead import LookaheadControls, check_weights_after_fit
 from .ranger import Ranger, check_hyperparameters

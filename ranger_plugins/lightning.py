@@ -30,20 +30,13 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from ._math import check_gc_supported
 from .lookahead import LookaheadControls, check_weights_after_fit
+from .param_groups import no_decay_param_groups
 from .ranger import Ranger
 from .schedules import FlatCosineLR, OneCycleCosineLR, OptimizerStepLR
 
 __all__ = ["LookaheadCallback", "no_decay_param_groups", "ranger_optimizers"]
-
-#: Normalisation layers whose parameters get no weight decay (with every bias).
-NORM_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm, Lazy*
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
-)
 
 #: Checkpoint key holding the fast (training) weights beside the slow ``state_dict``.
 FAST_STATE_KEY = "lookahead_fast_state_dict"
@@ -65,52 +58,14 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-def no_decay_param_groups(
-    module: nn.Module, weight_decay: float, *, exclude_bias_and_norm: bool = True
-) -> list[dict[str, Any]]:
-    """Split ``module``'s parameters into a decayed group and a group without weight decay.
-
-    Biases and every parameter of a normalisation layer (`NORM_LAYERS`) go to the group
-    with ``weight_decay=0`` when ``exclude_bias_and_norm`` is set; everything else gets
-    ``weight_decay``. Empty groups are left out. Shared parameters appear once.
-    """
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be >= 0)")
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for submodule in module.modules():
-        is_norm = isinstance(submodule, NORM_LAYERS)
-        for name, param in submodule.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            excluded = exclude_bias_and_norm and (is_norm or name == "bias")
-            (no_decay if excluded else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
-
-
-def _check_not_fsdp1_flattened(groups: list[dict[str, Any]], use_gc: bool) -> None:
-    """Refuse GC on FSDP1's flattened parameters (its ``FlatParameter``, or the 1-D views of
-    it with ``use_orig_params=True``), where per-row GC cannot work.
-
-    The core `Ranger` raises the same error at its first step; raising it here, when
-    ``configure_optimizers`` builds the optimizer, stops the run before any training.
-    """
-    if not use_gc:
-        return
-    for group in groups:
-        for param in group["params"]:
-            if getattr(param, "_is_flat_param", False) or getattr(param, "_fsdp_flattened", False):
-                raise RuntimeError(
-                    "Gradient Centralization cannot run on FSDP1's flattened parameters (it "
-                    "would be silently skipped). Use FSDP2 (fully_shard, e.g. Lightning's "
-                    "ModelParallelStrategy), or pass use_gc=False."
-                )
+def _check_gc_supported(groups: list[dict[str, Any]], use_gc: bool) -> None:
+    """The core `Ranger` refuses GC where it cannot run (FSDP1's flattened params) at its
+    first step; checking here, when ``configure_optimizers`` builds the optimizer, stops the
+    run before any training."""
+    if use_gc:
+        for group in groups:
+            for param in group["params"]:
+                check_gc_supported(param)
 
 
 def _estimated_total_steps(module: nn.Module) -> int:
@@ -179,7 +134,7 @@ def ranger_optimizers(
     groups = no_decay_param_groups(
         module, weight_decay, exclude_bias_and_norm=exclude_bias_and_norm
     )
-    _check_not_fsdp1_flattened(groups, ranger_kwargs.get("use_gc", True))
+    _check_gc_supported(groups, ranger_kwargs.get("use_gc", True))
     if schedule != "constant" and total_steps is None:
         total_steps = _estimated_total_steps(module)
     optimizer = Ranger(groups, lr=lr, weight_decay=weight_decay, **ranger_kwargs)
