@@ -137,6 +137,22 @@ def _check_resumed_run(ranks: list[dict], reference) -> None:
         assert rank["validated_on_slow_weights"] and all(rank["validated_on_slow_weights"])
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_checkpoints_written_after_fit_resume_like_one_run(tmp_path, reference, strategy):
+    """last.ckpt written in on_train_end and a save_checkpoint after fit hold the training
+    state from before the end-of-fit sync, so resuming either ends where one run does."""
+    script = "dist_lightning_train.py"
+    first = tmp_path / "first"
+    first.mkdir()
+    _run_children(script, strategy, str(first), "--save-after-fit", str(tmp_path))
+    assert [rank["steps"] for rank in _load_ranks(first)] == [[8], [8]]
+    for name in ("last.ckpt", "after_fit.ckpt"):
+        resumed = tmp_path / f"resumed-{name}"
+        resumed.mkdir()
+        _run_children(script, strategy, str(resumed), "--resume", str(tmp_path / name))
+        _check_resumed_run(_load_ranks(resumed), reference)
+
+
 def test_ddp_resumed_from_a_checkpoint_between_syncs_matches_single_process(tmp_path, reference):
     ranks = _crash_and_resume(tmp_path, "ddp")
     assert torch.load(tmp_path / "step=8.ckpt", weights_only=True)["global_step"] == 8
