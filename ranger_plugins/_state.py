@@ -108,27 +108,25 @@ def check_gradients(params: list[torch.Tensor], grads: list[torch.Tensor]) -> No
         )
 
 
-STATE_TENSOR_KEYS = ("exp_avg", "exp_avg_sq", "slow_param")
-
-
 def params_whose_state_moved(
     params: list[torch.Tensor], states: list[dict]
 ) -> list[tuple[torch.Tensor, dict]]:
     """(param, state) where the state tensors no longer have the dtype and device the param
-    needs (after ``model.to(dtype)`` or a move to another device between steps)."""
+    needs (after ``model.to(dtype)`` or a move to another device between steps). The slow
+    weights, which every optimizer of the family keeps, stand for all of them."""
     return [
         (param, state)
         for param, state in zip(params, states)
-        if (exp_avg := state["exp_avg"]).dtype != _STATE_DTYPES.get(param.dtype, param.dtype)
-        or exp_avg.get_device() != param.get_device()
+        if (slow := state["slow_param"]).dtype != _STATE_DTYPES.get(param.dtype, param.dtype)
+        or slow.get_device() != param.get_device()
     ]
 
 
-def move_state_to_param(state: dict, param: torch.Tensor) -> None:
-    """Cast and move the state tensors to the param's state dtype and device, as torch's
-    `load_state_dict` does when it loads a state."""
+def move_state_to_param(state: dict, param: torch.Tensor, keys: Iterable[str]) -> None:
+    """Cast and move the state tensors ``keys`` to the param's state dtype and device, as
+    torch's `load_state_dict` does when it loads a state."""
     dtype = state_dtype(param)
-    for key in STATE_TENSOR_KEYS:
+    for key in keys:
         state[key] = state[key].to(device=param.device, dtype=dtype)
 
 

@@ -1,50 +1,54 @@
 """Ranger: RAdam + Lookahead + Gradient Centralization, as a `torch.optim.Optimizer`.
 
-Layout follows torch.optim: the class (thin: validation, lazy state, dispatch), then
+Layout follows torch.optim: the class (thin: its hyperparameters, state keys and dispatch;
+the optimizer contract it shares with the family lives in `_base.LookaheadOptimizer`), then
 `_single_tensor_ranger` (the readable ground truth), then the functional `ranger` that picks
 an implementation. The fast paths live beside it: `_multi_tensor.py` (`torch._foreach_*`,
-grouped by device, dtype and step; the default).
+grouped by device, dtype and step; the default) and `_fused.py` (the opt-in C++ step).
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
+from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._fused import fused_ranger
 from ._math import (
     centralize_gradient,
-    check_gc_supported,
     rectification,
     step_hyperparameters,
 )
 from ._multi_tensor import _multi_tensor_ranger
 from ._state import (
-    STATE_TENSOR_KEYS,
-    check_gradients,
     check_lookahead_args,
-    check_param_states,
     check_real,
-    check_state_dict_matches,
-    load_state_dict_safely,
-    move_state_to_param,
-    params_whose_state_moved,
-    state_dtype,
-    steps_to_int,
 )
-from .lookahead import LookaheadControls
 
 __all__ = ["Ranger", "centralize_gradient", "rectification"]
 
-ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+# The group keys `step()` reads, and the flags that groups of older versions may lack
+# (`__setstate__` fills those in).
+REQUIRED_GROUP_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "lookahead_k",
+    "lookahead_alpha",
+    "use_gc",
+)
+OPTIONAL_GROUP_DEFAULTS = {
+    "foreach": None,
+    "fused": False,
+    "gc_conv_only": False,
+    "rectify_threshold": 5.0,
+}
 
 
-class Ranger(LookaheadControls, Optimizer):
+class Ranger(LookaheadOptimizer):
     r"""Ranger: RAdam with Lookahead and Gradient Centralization.
 
     For each parameter with a gradient, with its own step count :math:`t` (from 1):
@@ -137,137 +141,39 @@ class Ranger(LookaheadControls, Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Validate the merged group before the base class appends it, so a bad group
-        # leaves the optimizer as it was.
-        check_hyperparameters({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+    state_keys = ("exp_avg", "exp_avg_sq", "slow_param")
+    required_group_keys = REQUIRED_GROUP_KEYS
+    optional_group_defaults = OPTIONAL_GROUP_DEFAULTS
+    foreign_group_keys = {
+        "N_sma_threshhold": "torch_optimizer.Ranger or the original ranger2020.py",
+        "n_sma_threshold": "pytorch_optimizer.Ranger",
+        "lookahead_step": "timm's Lookahead",
+        "decoupled_weight_decay": "torch.optim.RAdam",
+    }
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # Groups pickled or saved by an older version get the flags added since.
-        for group in self.param_groups:
-            for key, value in OPTIONAL_GROUP_DEFAULTS.items():
-                group.setdefault(key, value)
+    @classmethod
+    def check_group(cls, group: dict[str, Any], where: str = "") -> None:
+        check_hyperparameters(group, where)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict after checking everything `step()` will read from it; a state
-        dict that does not fit raises a `ValueError` naming the group, param and key, and
-        leaves the optimizer unchanged."""
-        load_state_dict_safely(
-            self, state_dict, super().load_state_dict, partial(_check_ranger_state_dict, self)
-        )
-        steps_to_int(self, "step")
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        exp_avgs: list[torch.Tensor],
-        exp_avg_sqs: list[torch.Tensor],
-        slow_params: list[torch.Tensor],
-        steps: list[int],
-    ) -> None:
-        """Fill the lists with the group's params that have a gradient and their state
-        (created at a param's first step), after this step's increment of the step counts.
-        Everything is checked before any state changes, so an error changes nothing."""
-        with_grad = [p for p in group["params"] if p.grad is not None]
-        if not with_grad:
-            return
-        grads += [p.grad for p in with_grad]
-        check_gradients(with_grad, grads)
-        if group["use_gc"]:  # also 1-D params: FSDP1 flattens every param to 1-D
-            self._check_gc_supported_once(with_grad)
-        states = [self.state[param] for param in with_grad]
-        for param, state in zip(with_grad, states):
-            if not state:
-                _init_state(param, state)
-        for param, state in params_whose_state_moved(with_grad, states):
-            move_state_to_param(state, param)
-        for state in states:
-            state["step"] += 1
-        # Comprehensions: a model of many small tensors pays this per tensor on every step.
-        exp_avgs += [state["exp_avg"] for state in states]
-        exp_avg_sqs += [state["exp_avg_sq"] for state in states]
-        slow_params += [state["slow_param"] for state in states]
-        steps += [state["step"] for state in states]
-        params += with_grad
-
-    def _check_gc_supported_once(self, params: list[torch.Tensor]) -> None:
-        # The check looks at marks a param keeps for life, so each param is checked once.
-        # Kept by id with a weak reference, so a new param that reuses a dead one's id is
-        # still checked, and the optimizer keeps no param alive.
-        checked = self.__dict__.setdefault("_gc_checked", {})
-        for param in [p for p in params if (seen := checked.get(id(p))) is None or seen() is not p]:
-            check_gc_supported(param)
-            checked[id(param)] = weakref.ref(param)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step; evaluate ``closure`` first if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+    def _update(self, group_index: int, group: dict[str, Any], lists: GroupLists) -> None:
         # The default path keeps the wave layout of each group between steps (see
         # `_multi_tensor._cached_plan`, which checks that it still fits before using it).
         plan_caches = self.__dict__.setdefault("_plan_caches", {})
-        for group_index, group in enumerate(self.param_groups):
-            params: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            exp_avgs: list[torch.Tensor] = []
-            exp_avg_sqs: list[torch.Tensor] = []
-            slow_params: list[torch.Tensor] = []
-            steps: list[int] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, slow_params, steps)
-            if not params:
-                continue
-            ranger(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                slow_params,
-                steps,
-                foreach=group["foreach"],
-                fused=group["fused"],
-                plan_cache=plan_caches.setdefault(group_index, {}),
-                **step_hyperparameters(group),
-            )
-        return loss
-
-
-def _init_state(param: torch.Tensor, state: dict[str, Any]) -> None:
-    """A param's state at its first step: zero moments, slow weights from the param."""
-    dtype = state_dtype(param)
-    state["step"] = 0
-    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-    state["slow_param"] = param.detach().to(dtype, copy=True)
-
-
-# The group keys `step()` reads, and the flags that groups of older versions may lack
-# (`__setstate__` fills those in).
-REQUIRED_GROUP_KEYS = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "lookahead_k",
-    "lookahead_alpha",
-    "use_gc",
-)
-OPTIONAL_GROUP_DEFAULTS = {
-    "foreach": None,
-    "fused": False,
-    "gc_conv_only": False,
-    "rectify_threshold": 5.0,
-}
+        exp_avgs, exp_avg_sqs, slow_params = lists.states
+        ranger(
+            lists.params,
+            lists.grads,
+            exp_avgs,
+            exp_avg_sqs,
+            slow_params,
+            lists.steps,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            plan_cache=plan_caches.setdefault(group_index, {}),
+            **step_hyperparameters(group),
+        )
 
 
 def check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
@@ -377,34 +283,3 @@ def ranger(
         _multi_tensor_ranger(*lists, **hyperparameters, plan_cache=plan_cache)
     else:
         _single_tensor_ranger(*lists, **hyperparameters)
-
-
-def _check_ranger_state_dict(optimizer: Ranger, state_dict: dict[str, Any]) -> None:
-    check_state_dict_matches(optimizer, state_dict)
-    for index, group in enumerate(state_dict["param_groups"]):
-        where = f"group {index} of the loaded state dict: "
-        _check_not_foreign(group, where)
-        check_hyperparameters({**OPTIONAL_GROUP_DEFAULTS, **group}, where=where)
-    check_param_states(optimizer, state_dict, "step", STATE_TENSOR_KEYS)
-
-
-# Group keys that mark the state dicts of other Ranger implementations and of RAdam.
-_FOREIGN_GROUP_KEYS = {
-    "N_sma_threshhold": "torch_optimizer.Ranger or the original ranger2020.py",
-    "n_sma_threshold": "pytorch_optimizer.Ranger",
-    "lookahead_step": "timm's Lookahead",
-    "decoupled_weight_decay": "torch.optim.RAdam",
-}
-
-
-def _check_not_foreign(group: dict[str, Any], where: str) -> None:
-    if all(key in group for key in ("lookahead_k", "lookahead_alpha", "use_gc")):
-        return
-    guesses = [name for key, name in _FOREIGN_GROUP_KEYS.items() if key in group]
-    origin = f" (it looks like {guesses[0]}'s)" if guesses else ""
-    missing = next(key for key in ("lookahead_k", "lookahead_alpha", "use_gc") if key not in group)
-    raise ValueError(
-        f"{where}missing {missing!r}: this is not a ranger_plugins Ranger state dict{origin}. "
-        "Other optimizers keep their moments and slow weights differently; load the model "
-        "weights only and start the optimizer afresh."
-    )
