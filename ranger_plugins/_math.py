@@ -25,6 +25,13 @@ def centralize_gradient(grad: torch.Tensor, gc_conv_only: bool = False) -> torch
     return grad
 
 
+def centralize_gradients(grads: list[torch.Tensor], gc_conv_only: bool = False) -> None:
+    """`centralize_gradient` on each of ``grads``, in place (the variants' foreach steps use
+    it, so their single-tensor and foreach forms centralize alike)."""
+    for grad in grads:
+        centralize_gradient(grad, gc_conv_only)
+
+
 def check_gc_supported(param: torch.Tensor) -> None:
     """Raise a `RuntimeError` where GC cannot run on ``param``: it needs whole rows (dims
     1..n) on each device, so shardings that split them are refused (FSDP1's flattened

@@ -55,6 +55,34 @@ def _copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) ->
             destination.copy_(source)
 
 
+def lookahead_sync_(
+    params: list[torch.Tensor],
+    slow_params: list[torch.Tensor],
+    steps: list[int],
+    k: int,
+    alpha: float,
+    *,
+    foreach: bool,
+) -> None:
+    """Lookahead's sync for the params whose step count is a multiple of ``k``: the slow
+    weights move a fraction ``alpha`` toward the fast ones, which are then reset to them
+    (``slow += alpha * (fast - slow); fast = slow``). Slow weights of bf16/fp16 params are
+    fp32. The foreach and the per-tensor forms give the same bits."""
+    due = [index for index, step in enumerate(steps) if step % k == 0]
+    if not due:
+        return
+    fast = [params[index] for index in due]
+    slow = [slow_params[index] for index in due]
+    fast_in_slow_dtype = [p if p.dtype == s.dtype else p.to(s.dtype) for p, s in zip(fast, slow)]
+    if foreach:
+        torch._foreach_lerp_(slow, fast_in_slow_dtype, alpha)
+        _copy_into(fast, slow)
+        return
+    for param, weights, target in zip(fast, slow, fast_in_slow_dtype):
+        weights.lerp_(target, alpha)
+        param.copy_(weights)
+
+
 class LookaheadControls:
     """Mixin for optimizers whose state holds Lookahead's `slow_param` per parameter."""
 
