@@ -42,11 +42,12 @@ def _run(tmp_path: Path, script: str, *args: str, env=None):
     workdir = tmp_path / "work"
     workdir.mkdir(exist_ok=True)
     result = run_python(
-        workdir,
+        tmp_path,
         str(EXAMPLES / script),
         *args,
         extra=install_of(script),
         env={"EXAMPLE_QUICK": "1", "TMPDIR": str(tmp_path), **(env or {})},
+        cwd=workdir,
     )
     assert result.returncode == 0, (
         f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -117,8 +117,11 @@ def simulated_install_env(tmp_path: Path, extra: str | None) -> dict[str, str]:
     }
 
 
-def run_python(tmp_path: Path, *args: str, extra: str | None = None, env=None, python=None):
-    """Run ``python *args`` in ``tmp_path`` as on an install of ``extra`` (None: core)."""
+def run_python(
+    tmp_path: Path, *args: str, extra: str | None = None, env=None, python=None, cwd=None
+):
+    """Run ``python *args`` in ``cwd`` (default ``tmp_path``) as on an install of ``extra``
+    (None: core); the simulation's files go in ``tmp_path``."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     environment.pop("PYTHONPATH", None)
     if python is None:  # the dev venv, with the install simulated
@@ -126,7 +129,7 @@ def run_python(tmp_path: Path, *args: str, extra: str | None = None, env=None, p
     environment.update(env or {})
     return subprocess.run(
         [python or sys.executable, *args],
-        cwd=tmp_path,  # nothing lands in the repository; `-m` imports the installed package
+        cwd=cwd or tmp_path,  # not the repository: `-m` imports the installed package
         env=environment,
         capture_output=True,
         text=True,
