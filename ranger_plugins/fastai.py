@@ -28,8 +28,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
-from fastai.callback.core import Callback
-from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
+
+try:
+    from fastai.callback.core import Callback
+    from fastai.optimizer import OptimWrapper, detuplify_pg, set_item_pg
+except ModuleNotFoundError as error:  # a core-only install
+    raise ImportError(
+        f"ranger_plugins.fastai needs fastai ({error}): pip install '.[fastai]' from a clone"
+    ) from error
 
 from .lookahead import LookaheadControls, check_weights_after_fit
 from .ranger import Ranger, check_hyperparameters

@@ -53,7 +53,7 @@ def _callback_bases() -> tuple[type, ...]:
             bases.append(importlib.import_module(package).Callback)
     if not bases:
         raise ImportError(
-            "ranger_plugins.lightning needs Lightning: pip install 'ranger-plugins[lightning]'"
+            "ranger_plugins.lightning needs Lightning: pip install '.[lightning]' from a clone"
         )
     return tuple(bases)
 

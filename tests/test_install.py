@@ -253,14 +253,10 @@ def test_core_install_lightning_adapter_names_the_extra(tmp_path):
     assert "[lightning]" in _last_line(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ranger_plugins/fastai.py imports fastai unguarded (a bare ModuleNotFoundError); "
-    "it needs an ImportError naming the [fastai] extra, as ranger_plugins/lightning.py has",
-)
 def test_core_install_fastai_adapter_names_the_extra(tmp_path):
     result = _core(tmp_path, "-c", "import ranger_plugins.fastai")
     assert result.returncode == 1
+    assert _last_line(result).startswith("ImportError: ranger_plugins.fastai needs fastai")
     assert "[fastai]" in _last_line(result)
 
 
