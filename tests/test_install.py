@@ -35,6 +35,9 @@ import importlib.machinery
 import os
 import sys
 
+# Every test here starts Python in a subprocess (about 5 s each): not in the fast tier.
+pytestmark = pytest.mark.slow
+
 _MODULES = frozenset(os.environ["RANGER_TEST_HIDDEN_MODULES"].split(","))
 _DISTRIBUTIONS = frozenset(os.environ["RANGER_TEST_HIDDEN_DISTRIBUTIONS"].split(","))
 

@@ -247,6 +247,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_validation_runs_on_slow_weights_and_training_is_unchanged(config):
     model_kwargs = CONFIGS[config].get("model", {})
@@ -430,6 +431,7 @@ def test_callback_drives_the_generic_lookahead_wrapper():
     assert all(torch.equal(p, optimizer.state[p]["slow_param"]) for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_resume_after_crash_matches_uninterrupted_run_bitwise(tmp_path, precision):
     k, epochs = 6, 3  # 24 steps; the crash after step 8 is between syncs (6 and 12)
@@ -516,6 +518,7 @@ def _assert_resumes_like_the_uninterrupted_run(path, weights_after_fit, from_ste
     assert resumed.lrs == lrs[from_step:] and len(lrs) == LONG_STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights_after_fit", ["synced", "slow", "fast"])
 @pytest.mark.parametrize("written_by", ["last.ckpt in on_train_end", "save_checkpoint after fit"])
 def test_checkpoint_written_after_fit_resumes_like_one_longer_run(
@@ -558,6 +561,7 @@ def test_checkpoint_written_after_fit_resumes_like_one_longer_run(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights_after_fit", ["synced", "slow", "fast"])
 def test_mid_epoch_checkpoint_resumes_like_one_longer_run(tmp_path, weights_after_fit):
     every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
