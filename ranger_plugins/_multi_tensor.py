@@ -35,7 +35,7 @@ import torch
 
 from ._math import _gc_applies, centralize_gradient, rectification
 from ._state import PLAIN_TENSOR_TYPES
-from .lookahead import _copy_into
+from .lookahead import copy_into
 
 # Elements per wave: 2 MiB per fp32 operand, so the five operands of a wave (p, grad, m, v and
 # the denominator) stay in the last-level cache between the operations of the wave.
@@ -151,7 +151,7 @@ def _step_bucket(
     for wave in plan.waves:
         _step_wave(wave, wave.grads(grads), values, scratch)
     if fast is not bucket.params:
-        _copy_into(bucket.params, fast)
+        copy_into(bucket.params, fast)
 
 
 def _step_wave(wave: _Wave, grads: list[torch.Tensor], values: _StepValues, scratch) -> None:
@@ -177,7 +177,7 @@ def _step_wave(wave: _Wave, grads: list[torch.Tensor], values: _StepValues, scra
             torch._foreach_add_(params, exp_avgs, alpha=values.neg_step_size)
     if values.sync:
         torch._foreach_lerp_(slow_params, params, values.lookahead_alpha)
-        _copy_into(params, slow_params)
+        copy_into(params, slow_params)
 
 
 def _step_gathered_wave(flat: _Gathered, params, exp_avgs, grads, values: _StepValues) -> None:

@@ -98,6 +98,47 @@ def check_lookahead_args(k: Any, alpha: Any, where: str = "") -> None:
         )
 
 
+def check_pair(name: str, value: Any, where: str, *, high: float, high_open: bool = False) -> None:
+    """Raise a `ValueError` unless ``value`` is a pair of reals in [0, high] (or [0, high))."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ValueError(f"{where}Invalid {name}: {value!r} (must be a pair of numbers)")
+    for index, item in enumerate(value):
+        check_real(f"{name}[{index}]", item, low=0.0, high=high, high_open=high_open, where=where)
+
+
+def check_flags(group: dict[str, Any], flags: tuple[str, ...], where: str) -> None:
+    """Raise a `ValueError` unless each of ``flags`` is a bool and ``foreach`` is None or a
+    bool."""
+    for flag in flags:
+        if not isinstance(group.get(flag, False), bool):
+            raise ValueError(f"{where}Invalid {flag}: {group[flag]!r} (must be True or False)")
+    if group.get("foreach") not in (None, True, False):
+        raise ValueError(f"{where}Invalid foreach: {group['foreach']!r} (must be None or a bool)")
+
+
+def check_scalar_states(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], keys: tuple[str, ...]
+) -> None:
+    """Raise a `ValueError` naming the param and key unless every saved per-param state that
+    has a ``step`` also holds each of ``keys`` as a finite real number >= 0."""
+    for index, (group, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"])):
+        for position, (_, entry) in enumerate(saved_entries(state_dict, group, saved)):
+            for key in keys if "step" in entry else ():
+                where = state_location(index, position)
+                if key not in entry:
+                    raise ValueError(f"{where}: missing state {key!r} (it has {sorted(entry)})")
+                if not _finite_non_negative(entry[key]):
+                    raise ValueError(
+                        f"{where}: state {key!r} is {entry[key]!r} (must be a finite number >= 0)"
+                    )
+
+
+def _finite_non_negative(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return math.isfinite(value) and float(value) >= 0.0
+
+
 def check_gradients(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     """The errors every implementation gives for gradients it cannot use."""
     if any(grad.is_sparse for grad in grads):
@@ -162,7 +203,7 @@ def check_state_dict_matches(optimizer: torch.optim.Optimizer, state_dict: Any) 
                 f"parameter group {index} has {len(group['params'])} params, "
                 f"the loaded state dict has {len(saved['params'])}"
             )
-        for position, (param, entry) in enumerate(_saved_entries(state_dict, group, saved)):
+        for position, (param, entry) in enumerate(saved_entries(state_dict, group, saved)):
             for key, value in entry.items():
                 if (
                     key in PARAM_SHAPED_STATE_KEYS
@@ -170,16 +211,16 @@ def check_state_dict_matches(optimizer: torch.optim.Optimizer, state_dict: Any) 
                     and value.shape != param.shape
                 ):
                     raise ValueError(
-                        f"{_where(index, position)}: state {key!r} has shape "
+                        f"{state_location(index, position)}: state {key!r} has shape "
                         f"{tuple(value.shape)}, but the param has shape {tuple(param.shape)}"
                     )
 
 
-def _where(group_index: int, position: int) -> str:
+def state_location(group_index: int, position: int) -> str:
     return f"param {position} of group {group_index} in the loaded state dict"
 
 
-def _saved_entries(state_dict: dict, group: dict, saved_group: dict) -> list[tuple]:
+def saved_entries(state_dict: dict, group: dict, saved_group: dict) -> list[tuple]:
     """(param, its saved state entry) for each param of a group, {} where none was saved."""
     state = state_dict["state"]
     return [
@@ -200,11 +241,11 @@ def check_param_states(
     tensor of the param's shape for each of ``tensor_keys``. ``required=False``: only entries
     that hold any of these keys must hold all of them."""
     for index, (group, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"])):
-        for position, (param, entry) in enumerate(_saved_entries(state_dict, group, saved)):
+        for position, (param, entry) in enumerate(saved_entries(state_dict, group, saved)):
             keys = (step_key, *tensor_keys)
             if not entry or (not required and not any(key in entry for key in keys)):
                 continue
-            where = _where(index, position)
+            where = state_location(index, position)
             missing = [key for key in keys if key not in entry]
             if missing:
                 raise ValueError(f"{where}: missing state {missing[0]!r} (it has {sorted(entry)})")

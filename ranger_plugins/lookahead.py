@@ -41,7 +41,7 @@ def check_weights_after_fit(weights_after_fit: str) -> None:
         )
 
 
-def _copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+def copy_into(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     # `torch._foreach_copy_` has no DTensor rule (FSDP2), and it needs matching dtypes.
     # Plain params count as plain tensors (`nn.Parameter` of a DTensor has the DTensor type).
     if not destinations:
@@ -76,7 +76,7 @@ def lookahead_sync_(
     fast_in_slow_dtype = [p if p.dtype == s.dtype else p.to(s.dtype) for p, s in zip(fast, slow)]
     if foreach:
         torch._foreach_lerp_(slow, fast_in_slow_dtype, alpha)
-        _copy_into(fast, slow)
+        copy_into(fast, slow)
         return
     for param, weights, target in zip(fast, slow, fast_in_slow_dtype):
         weights.lerp_(target, alpha)
@@ -110,7 +110,7 @@ class LookaheadControls:
         gone. Params that have not stepped yet keep their value.
         """
         entries = list(self._params_with_slow_weights())
-        _copy_into(
+        copy_into(
             [param for _, param, _ in entries], [slow.to(param.dtype) for _, param, slow in entries]
         )
 
@@ -143,12 +143,12 @@ class LookaheadControls:
         params = [param for _, param, _ in entries]
         with torch.no_grad():
             backups = [param.detach().clone() for param in params]
-            _copy_into(params, [slow.to(param.dtype) for _, param, slow in entries])
+            copy_into(params, [slow.to(param.dtype) for _, param, slow in entries])
         try:
             yield
         finally:
             with torch.no_grad():
-                _copy_into(params, backups)
+                copy_into(params, backups)
 
 
 def _shared_with_inner(name: str) -> property:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
 from ._state import as_float, check_gradients, check_lookahead_args, check_real
-from .lookahead import _copy_into, lookahead_sync_
+from .lookahead import copy_into, lookahead_sync_
 
 __all__ = [
     "Ranger21",
@@ -815,7 +815,7 @@ def _multi_tensor_ranger21(
         denoms = _denominators(bucket, s, eps, use_softplus, beta_softplus)
         _pn_momentum_step(bucket, fast, denoms, s, beta1, pnm_momentum_factor)
         if fast is not bucket.params:
-            _copy_into(bucket.params, fast)
+            copy_into(bucket.params, fast)
         lookahead_sync_(
             bucket.params,
             bucket.slow_params,

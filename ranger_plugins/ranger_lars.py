@@ -24,8 +24,8 @@ import torch
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients, rectification
-from ._state import PLAIN_TENSOR_TYPES, as_float, check_lookahead_args, check_real
-from .lookahead import _copy_into, lookahead_sync_
+from ._state import PLAIN_TENSOR_TYPES, as_float, check_flags, check_lookahead_args, check_real
+from .lookahead import copy_into, lookahead_sync_
 
 __all__ = ["RangerLars", "ranger_lars"]
 
@@ -198,7 +198,7 @@ def check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
     check_real("eps", group["eps"], low=0.0, low_open=True, where=where)
     check_real("weight_decay", group["weight_decay"], low=0.0, where=where)
     check_lookahead_args(group["lookahead_k"], group["lookahead_alpha"], where=where)
-    _check_flags(group, where)
+    check_flags(group, ("use_gc", "gc_conv_only"), where)
 
 
 def _check_betas(betas: Any, where: str) -> None:
@@ -206,14 +206,6 @@ def _check_betas(betas: Any, where: str) -> None:
         raise ValueError(f"{where}Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
     for index, beta in enumerate(betas):
         check_real(f"betas[{index}]", beta, low=0.0, high=1.0, high_open=True, where=where)
-
-
-def _check_flags(group: dict[str, Any], where: str) -> None:
-    for flag in ("use_gc", "gc_conv_only"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"{where}Invalid {flag}: {group[flag]!r} (must be True or False)")
-    if group.get("foreach") not in (None, True, False):
-        raise ValueError(f"{where}Invalid foreach: {group['foreach']!r} (must be None or a bool)")
 
 
 def step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +357,7 @@ def _multi_tensor_ranger_lars(
             fast, bucket.slow_params, steps_, lookahead_k, lookahead_alpha, foreach=True
         )
         if fast is not bucket.params:
-            _copy_into(bucket.params, fast)
+            copy_into(bucket.params, fast)
 
 
 def _updates(

@@ -9,8 +9,6 @@ and the functional `ranger_qh` that picks one of them.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections import defaultdict
 from typing import Any
 
@@ -18,8 +16,15 @@ import torch
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
-from ._state import _saved_entries, _where, as_float, check_lookahead_args, check_real
-from .lookahead import _copy_into, lookahead_sync_
+from ._state import (
+    as_float,
+    check_flags,
+    check_lookahead_args,
+    check_pair,
+    check_real,
+    check_scalar_states,
+)
+from .lookahead import copy_into, lookahead_sync_
 
 __all__ = ["RangerQH", "ranger_qh"]
 
@@ -195,50 +200,6 @@ class RangerQH(LookaheadOptimizer):
         )
 
 
-# ------------------------------------------------------------------ checks (RangerVA too)
-
-
-def check_pair(name: str, value: Any, where: str, *, high: float, high_open: bool = False) -> None:
-    """Raise a `ValueError` unless ``value`` is a pair of reals in [0, high] (or [0, high))."""
-    if not (isinstance(value, (tuple, list)) and len(value) == 2):
-        raise ValueError(f"{where}Invalid {name}: {value!r} (must be a pair of numbers)")
-    for index, item in enumerate(value):
-        check_real(f"{name}[{index}]", item, low=0.0, high=high, high_open=high_open, where=where)
-
-
-def check_flags(group: dict[str, Any], flags: tuple[str, ...], where: str) -> None:
-    """Raise a `ValueError` unless each of ``flags`` is a bool and ``foreach`` is None or a
-    bool."""
-    for flag in flags:
-        if not isinstance(group.get(flag, False), bool):
-            raise ValueError(f"{where}Invalid {flag}: {group[flag]!r} (must be True or False)")
-    if group.get("foreach") not in (None, True, False):
-        raise ValueError(f"{where}Invalid foreach: {group['foreach']!r} (must be None or a bool)")
-
-
-def check_scalar_states(
-    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], keys: tuple[str, ...]
-) -> None:
-    """Raise a `ValueError` naming the param and key unless every saved per-param state that
-    has a ``step`` also holds each of ``keys`` as a finite real number >= 0."""
-    for index, (group, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"])):
-        for position, (_, entry) in enumerate(_saved_entries(state_dict, group, saved)):
-            for key in keys if "step" in entry else ():
-                where = _where(index, position)
-                if key not in entry:
-                    raise ValueError(f"{where}: missing state {key!r} (it has {sorted(entry)})")
-                if not _finite_non_negative(entry[key]):
-                    raise ValueError(
-                        f"{where}: state {key!r} is {entry[key]!r} (must be a finite number >= 0)"
-                    )
-
-
-def _finite_non_negative(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return False
-    return math.isfinite(value) and float(value) >= 0.0
-
-
 def _step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     nu1, nu2 = group["nus"]
     return dict(
@@ -372,7 +333,7 @@ def _multi_tensor_ranger_qh(
             fast, slow, [step] * len(indices), lookahead_k, lookahead_alpha, foreach=True
         )
         if fast is not bucket_params:
-            _copy_into(bucket_params, fast)
+            copy_into(bucket_params, fast)
 
 
 def _qh_update(

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
-from ._state import as_float, check_lookahead_args, check_real
-from .lookahead import _copy_into, lookahead_sync_
-from .ranger_qh import check_flags, check_pair
+from ._state import as_float, check_flags, check_lookahead_args, check_pair, check_real
+from .lookahead import copy_into, lookahead_sync_
 
 __all__ = ["RangerVA", "ranger_va"]
 
@@ -361,7 +360,7 @@ def _multi_tensor_ranger_va(
             fast, slow, [step] * len(indices), lookahead_k, lookahead_alpha, foreach=True
         )
         if fast is not bucket_params:
-            _copy_into(bucket_params, fast)
+            copy_into(bucket_params, fast)
 
 
 def _va_moments(

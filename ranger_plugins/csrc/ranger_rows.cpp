@@ -204,8 +204,15 @@ std::vector<int64_t> ranger_step_(const std::vector<at::Tensor>& params,
                    exp_avg_sqs[i].data_ptr(), slows[i].data_ptr(), params[i].scalar_type()};
     add_rows(work, static_cast<int64_t>(i), params[i], params[i].dim() > gc_min_dim);
   }
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+  // Threads split the elements, not the tasks, evenly: a model's tasks range from a whole
+  // bias to a 32K-element block of a large weight. Each thread runs the tasks that start in
+  // its range of elements.
+  std::vector<int64_t> starts(work.size() + 1, 0);
+  for (size_t task = 0; task < work.size(); ++task)
+    starts[task + 1] = starts[task] + work[task].count * work[task].length;
+  at::parallel_for(0, starts.back(), kTaskNumel, [&](int64_t begin, int64_t end) {
+    auto task = std::lower_bound(starts.begin(), starts.end() - 1, begin) - starts.begin();
+    for (; task < static_cast<int64_t>(work.size()) && starts[task] < end; ++task) {
       const Rows& rows = work[task];
       step_rows(pointers[rows.param_index], rows, hp, adaptive, sync);
     }
