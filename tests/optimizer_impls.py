@@ -30,7 +30,15 @@ import optim_helpers
 import pytest
 import torch
 
-from ranger_plugins import Lookahead, Ranger, _cpu_kernel
+from ranger_plugins import (
+    Lookahead,
+    Ranger,
+    Ranger21,
+    RangerLars,
+    RangerQH,
+    RangerVA,
+    _cpu_kernel,
+)
 
 # Hyperparameters the properties run with (each factory maps them to its own arguments).
 # k = 6: with the default betas, steps 1-5 are momentum SGD, step 6 is the first rectified
@@ -108,7 +116,9 @@ class Impl:
     """One implementation: ``make(params_or_groups, **hyperparameters) -> optimizer``."""
 
     id: str
-    family: str  # "ranger" (a Ranger path) or "lookahead" (the generic wrapper)
+    # "ranger" (a Ranger path), "lookahead" (the generic wrapper), or "variant" (another
+    # member of the Ranger family, compared with its own single-tensor path)
+    family: str
     factory: Callable[..., torch.optim.Optimizer]
     # Against the family's reference: bitwise, or `path_tolerance` of the dtype.
     exact: bool
@@ -117,6 +127,11 @@ class Impl:
     # Per-param step counters in `optimizer.state[p]`.
     counters: tuple[str, ...] = ("step",)
     note: str = field(default="", compare=False)
+    # A variant's reference and twin: the same class with foreach=False.
+    reference_factory: Callable[..., torch.optim.Optimizer] | None = None
+    # Whether a step of one group depends on the others (Ranger21's stable weight decay
+    # divides by a mean over every param), so groups cannot be stepped as separate optimizers.
+    couples_groups: bool = False
 
     def make(self, params_or_groups, **hyperparameters) -> torch.optim.Optimizer:
         return self.factory(params_or_groups, **hyperparameters)
@@ -166,6 +181,36 @@ IMPLS: tuple[Impl, ...] = (
         counters=("step", "lookahead_step"),
         note="Lookahead(torch.optim.AdamW)",
     ),
+)
+
+
+def _variant(cls, **fixed) -> tuple[Callable, Callable]:
+    """(foreach factory, single-tensor factory) of a family member, its own schedule off."""
+    return (
+        lambda params, **hp: cls(params, **fixed, **hp),
+        lambda params, **hp: cls(params, **fixed, **hp, foreach=False),
+    )
+
+
+_VARIANTS = {
+    "ranger_qh": _variant(RangerQH),
+    "ranger_va": _variant(RangerVA),
+    "ranger21": _variant(Ranger21, use_warmup=False, warmdown_active=False),
+    "ranger_lars": _variant(RangerLars),
+}
+# The Ranger family's other members run every property that is not about Ranger's own
+# hyperparameters or paths, against their single-tensor step.
+IMPLS += tuple(
+    Impl(
+        name,
+        "variant",
+        foreach,
+        exact=True,
+        reference_factory=single,
+        couples_groups=name == "ranger21",
+        note="foreach path",
+    )
+    for name, (foreach, single) in _VARIANTS.items()
 )
 IMPLS_BY_ID = {impl.id: impl for impl in IMPLS}
 RANGER_IMPLS = tuple(impl for impl in IMPLS if impl.is_ranger)
@@ -226,12 +271,16 @@ def make_reference(impl: Impl, params_or_groups, **hyperparameters):
     """The independent reference a property's values are compared with."""
     if impl.is_ranger:
         return REFERENCE.make(params_or_groups, **hyperparameters)
+    if impl.reference_factory is not None:
+        return impl.reference_factory(params_or_groups, **hyperparameters)
     return PlainLookaheadAdamW(params_or_groups, **hyperparameters)
 
 
 def make_twin(impl: Impl, params_or_groups, **hyperparameters) -> torch.optim.Optimizer:
     """The twin that goes through the same operations between steps: the single_tensor
     reference for Ranger paths, another Lookahead(AdamW) for the wrapper."""
+    if impl.reference_factory is not None:
+        return impl.reference_factory(params_or_groups, **hyperparameters)
     return (REFERENCE if impl.is_ranger else impl).make(params_or_groups, **hyperparameters)
 
 
