@@ -11,7 +11,6 @@ step, which picks a single-tensor or foreach implementation).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +21,7 @@ from torch.optim import Optimizer
 
 from ._math import check_gc_supported
 from ._state import (
+    PLAIN_TENSOR_TYPES,
     check_gradients,
     check_param_states,
     check_state_dict_matches,
@@ -142,7 +142,7 @@ class LookaheadOptimizer(LookaheadControls, Optimizer):
         grads = [p.grad for p in with_grad]
         check_gradients(with_grad, grads)
         if group.get("use_gc"):  # also 1-D params: FSDP1 flattens every param to 1-D
-            self._check_gc_supported_once(with_grad)
+            self._check_gc_supported(with_grad)
         states = [self.state[param] for param in with_grad]
         for param, state in zip(with_grad, states):
             if not state:
@@ -169,11 +169,11 @@ class LookaheadOptimizer(LookaheadControls, Optimizer):
                     param, dtype=dtype, memory_format=torch.preserve_format
                 )
 
-    def _check_gc_supported_once(self, params: list[torch.Tensor]) -> None:
-        # The check looks at marks a param keeps for life, so each param is checked once.
-        # Kept by id with a weak reference, so a new param that reuses a dead one's id is
-        # still checked, and the optimizer keeps no param alive.
-        checked = self.__dict__.setdefault("_gc_checked", {})
-        for param in [p for p in params if (seen := checked.get(id(p))) is None or seen() is not p]:
-            check_gc_supported(param)
-            checked[id(param)] = weakref.ref(param)
+    @staticmethod
+    def _check_gc_supported(params: list[torch.Tensor]) -> None:
+        # Only a param with marks can fail the check: a tensor subclass (DTensor, FSDP1's
+        # FlatParameter) or a param with attributes of its own (FSDP1 sets
+        # `_fsdp_flattened` on the views it makes). Plain params pass without the call.
+        for param in params:
+            if type(param) not in PLAIN_TENSOR_TYPES or param.__dict__:
+                check_gc_supported(param)

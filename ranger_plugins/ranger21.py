@@ -376,7 +376,7 @@ class Ranger21(LookaheadOptimizer):
             with_grad = [p for p in group["params"] if p.grad is not None]
             check_gradients(with_grad, [p.grad for p in with_grad])
             if group.get("use_gc") and with_grad:
-                self._check_gc_supported_once(with_grad)
+                self._check_gc_supported(with_grad)
 
 
 # ------------------------------------------------------------------------------ schedule
