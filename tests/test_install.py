@@ -25,6 +25,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+# Every test here starts Python in a subprocess (about 5 s each): not in the fast tier.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 REAL_CORE_PYTHON = os.environ.get("RANGER_PLUGINS_CORE_PYTHON")
@@ -34,9 +37,6 @@ _SITECUSTOMIZE = '''\
 import importlib.machinery
 import os
 import sys
-
-# Every test here starts Python in a subprocess (about 5 s each): not in the fast tier.
-pytestmark = pytest.mark.slow
 
 _MODULES = frozenset(os.environ["RANGER_TEST_HIDDEN_MODULES"].split(","))
 _DISTRIBUTIONS = frozenset(os.environ["RANGER_TEST_HIDDEN_DISTRIBUTIONS"].split(","))
