@@ -1,4 +1,4 @@
-"""fastai adapter: `Learner(dls, model, opt_func=ranger)` and slow-weight evaluation.
+"""fastai adapter: the Ranger family as fastai `opt_func`s, and slow-weight evaluation.
 
 Change one import to switch from fastai's built-in Ranger::
 
@@ -9,10 +9,22 @@ Change one import to switch from fastai's built-in Ranger::
     learn = Learner(dls, model, opt_func=partial(ranger, gc=True))    # + Gradient Centralization
     learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadCallback())  # validate on slow weights
 
-`ranger` builds the core `ranger_plugins.Ranger` (a real `torch.optim.Optimizer`) and wraps
-it in `RangerOptimWrapper`, a subclass of fastai's own `OptimWrapper`, so fastai's schedulers
+Each variant has its own `opt_func`, named after it as fastai names its own (``Adam``,
+``QHAdam``, ``ranger``): `ranger`, `ranger_qh`, `ranger_va`, `ranger21` and `ranger_lars`,
+each with fastai's hyperparameter names where the variant has the hyperparameter (``mom``,
+``sqr_mom``, ``eps``, ``wd``, ``k``, ``alpha``, ``gc``; ``nu_1``/``nu_2`` and
+``decouple_wd`` as in fastai's ``QHAdam``) and the variant's other options as keyword
+arguments. `opt_func_for` (or `OPT_FUNCS`) gives the one registered under a name of
+`ranger_plugins.family.OPTIMIZERS`::
+
+    learn = Learner(dls, model, opt_func=partial(ranger_qh, nu_1=0.8))
+    learn = Learner(dls, model, opt_func=opt_func_for("ranger_lars"))
+
+Each builds the core optimizer (a real `torch.optim.Optimizer`) and wraps it in
+`RangerOptimWrapper`, a subclass of fastai's own `OptimWrapper`, so fastai's schedulers
 (`fit_one_cycle`, `fit_flat_cos`, `lr_find`), discriminative learning rates, freezing,
-`save`/`load` and `export` drive it through fastai's ordinary mechanisms.
+`save`/`load` and `export` drive it through fastai's ordinary mechanisms. `ranger21` turns
+Ranger21's own warmup and warmdown off, so that fastai's schedulers alone set the lr.
 
 Validation runs on the *fast* weights (as with fastai's own `ranger`) unless
 `LookaheadCallback` is added to the Learner; it is not added automatically, because an
@@ -37,21 +49,35 @@ except ModuleNotFoundError as error:  # a core-only install
         f"ranger_plugins.fastai needs fastai ({error}): pip install '.[fastai]' from a clone"
     ) from error
 
+from ._base import LookaheadOptimizer
+from .family import OPTIMIZERS, optimizer_class
 from .lookahead import LookaheadControls, check_weights_after_fit
-from .ranger import Ranger, check_hyperparameters
+from .ranger import Ranger
+from .ranger21 import Ranger21
+from .ranger_lars import RangerLars
+from .ranger_qh import RangerQH
+from .ranger_va import RangerVA
 
 __all__ = [
     "BEFORE_FINISH_KEY",
+    "OPT_FUNCS",
     "RANGER_HP_MAP",
     "LookaheadCallback",
     "RangerOptimWrapper",
+    "opt_func_for",
     "ranger",
+    "ranger21",
+    "ranger_lars",
+    "ranger_qh",
+    "ranger_va",
 ]
 
-# torch param-group key -> fastai hyperparameter name. fastai's `pytorch_hp_map` also maps
-# 'alpha' to 'sqr_mom' (RMSprop's alpha); the core stores Lookahead's alpha as
-# `lookahead_alpha`, and here it is exposed to fastai as 'alpha', distinct from 'sqr_mom'
-# (betas[1]), so scheduling one never touches the other.
+# torch param-group key -> fastai hyperparameter name, for every optimizer of the family (a
+# key that a variant's groups lack is not used for it; the variant's other group keys keep
+# their own names). fastai's `pytorch_hp_map` also maps 'alpha' to 'sqr_mom' (RMSprop's
+# alpha); the core stores Lookahead's alpha as `lookahead_alpha`, and here it is exposed to
+# fastai as 'alpha', distinct from 'sqr_mom' (betas[1]), so scheduling one never touches the
+# other. RangerQH's nus and weight decay mode get fastai's `QHAdam` names.
 RANGER_HP_MAP = {
     "betas__0": "mom",
     "betas__1": "sqr_mom",
@@ -59,6 +85,18 @@ RANGER_HP_MAP = {
     "lookahead_k": "k",
     "lookahead_alpha": "alpha",
     "use_gc": "gc",
+    "nus__0": "nu_1",
+    "nus__1": "nu_2",
+    "decouple_weight_decay": "decouple_wd",
+}
+
+# The core's keyword arguments that the opt_funcs take under fastai's names.
+_FASTAI_NAMES = {
+    "betas": "mom and sqr_mom",
+    "weight_decay": "wd",
+    "use_gc": "gc",
+    "nus": "nu_1 and nu_2",
+    "decouple_weight_decay": "decouple_wd",
 }
 
 #: Key, in a `RangerOptimWrapper` state dict saved after ``fit``, of the training state that
@@ -126,33 +164,185 @@ def ranger(
     function pickles, so ``learn.export()`` / ``load_learner()`` work. ``ranger(gc=True)``
     without parameters is not supported.
 
+    The variants have opt_funcs of the same shape (`ranger_qh`, `ranger_va`, `ranger21`,
+    `ranger_lars`; `opt_func_for` picks one by name), each with its own defaults.
+
     Validation uses the fast weights unless you pass ``cbs=LookaheadCallback()`` to the
     Learner, which evaluates on Lookahead's slow weights and leaves the model on the synced
     slow weights at the end of ``fit``.
     """
-    groups = _layer_groups(params)
+    return _opt_func(
+        Ranger,
+        params,
+        lr,
+        _fastai_hypers(mom, sqr_mom, eps, wd, k, alpha, gc),
+        dict(
+            gc_conv_only=gc_conv_only,
+            rectify_threshold=rectify_threshold,
+            foreach=foreach,
+            fused=fused,
+        ),
+    )
+
+
+def ranger_qh(
+    params: Iterable,
+    lr: float | slice = 1e-3,
+    mom: float = 0.9,
+    sqr_mom: float = 0.999,
+    nu_1: float = 0.7,
+    nu_2: float = 1.0,
+    eps: float = 1e-8,
+    wd: float = 0.0,
+    k: int = 6,
+    alpha: float = 0.5,
+    gc: bool = False,
+    decouple_wd: bool = True,
+    **options: Any,
+) -> RangerOptimWrapper:
+    """`ranger_plugins.RangerQH` (QHAdam + Lookahead) as a fastai `opt_func`.
+
+    The variant's defaults, under fastai's names (``mom``/``sqr_mom`` = betas, ``nu_1``/
+    ``nu_2`` = nus, as in fastai's ``QHAdam``; ``k``, ``alpha``, ``gc`` as in `ranger`),
+    except ``decouple_wd=True``: fastai's ``wd`` is true weight decay (its ``QHAdam``
+    defaults to it too), where the class and the original default to L2
+    (``decouple_wd=False`` gives that). ``options`` go to the class (``gc_conv_only``,
+    ``foreach``). See `ranger` for ``params``, ``lr`` and the result.
+    """
+    hypers = _fastai_hypers(mom, sqr_mom, eps, wd, k, alpha, gc)
+    hypers.update(nus=(nu_1, nu_2), decouple_weight_decay=decouple_wd)
+    return _opt_func(RangerQH, params, lr, hypers, options)
+
+
+def ranger_va(
+    params: Iterable,
+    lr: float | slice = 1e-3,
+    mom: float = 0.95,
+    sqr_mom: float = 0.999,
+    eps: float = 1e-5,
+    wd: float = 0.0,
+    k: int = 6,
+    alpha: float = 0.5,
+    gc: bool = False,
+    **options: Any,
+) -> RangerOptimWrapper:
+    """`ranger_plugins.RangerVA` (softplus-calibrated Adam + Lookahead) as a fastai
+    `opt_func`, with the variant's defaults under fastai's names (``wd`` is its decoupled
+    weight decay). ``options`` go to the class (``amsgrad``, ``transformer``, ``smooth``,
+    ``grad_transformer``, ``gc_conv_only``, ``foreach``). See `ranger` for ``params``,
+    ``lr`` and the result.
+    """
+    hypers = _fastai_hypers(mom, sqr_mom, eps, wd, k, alpha, gc)
+    return _opt_func(RangerVA, params, lr, hypers, options)
+
+
+def ranger21(
+    params: Iterable,
+    lr: float | slice = 1e-3,
+    mom: float = 0.9,
+    sqr_mom: float = 0.999,
+    eps: float = 1e-8,
+    wd: float = 1e-4,
+    k: int = 5,
+    alpha: float = 0.5,
+    gc: bool = True,
+    use_warmup: bool = False,
+    warmdown_active: bool = False,
+    **options: Any,
+) -> RangerOptimWrapper:
+    """`ranger_plugins.Ranger21` as a fastai `opt_func`, with the variant's defaults under
+    fastai's names (``wd`` is its stable, decoupled weight decay; ``mom`` is beta1, whose
+    square decays the momentum), except for its schedule.
+
+    Ranger21's own linear warmup and warmdown are **off** (``use_warmup=False,
+    warmdown_active=False``): fastai's schedulers (``fit_one_cycle``, ``fit_flat_cos``)
+    already warm up and anneal, and with both off every step uses exactly the lr the
+    scheduler set. To combine them anyway, pass them on with the run's length, e.g.
+    ``partial(ranger21, use_warmup=True, warmdown_active=True, num_iterations=n_steps)``;
+    the two then compose as `ranger_plugins.ranger21.Ranger21Schedule` describes (the
+    warmups multiply, and the warmdown goes from fastai's lr to ``warmdown_min_lr``).
+
+    ``options`` go to the class (``num_iterations``, ``num_warmup_iterations``,
+    ``normalize_gradients``, ``use_agc``, ``norm_loss_factor``, ``pnm_momentum_factor``,
+    ``use_softplus``, ``gc_conv_only``, ``foreach``, ...). See `ranger` for ``params``,
+    ``lr`` and the result.
+    """
+    hypers = _fastai_hypers(mom, sqr_mom, eps, wd, k, alpha, gc)
+    hypers.update(use_warmup=use_warmup, warmdown_active=warmdown_active)
+    return _opt_func(Ranger21, params, lr, hypers, options)
+
+
+def ranger_lars(
+    params: Iterable,
+    lr: float | slice = 1e-3,
+    mom: float = 0.9,
+    sqr_mom: float = 0.999,
+    eps: float = 1e-8,
+    wd: float = 0.0,
+    k: int = 6,
+    alpha: float = 0.5,
+    gc: bool = False,
+    **options: Any,
+) -> RangerOptimWrapper:
+    """`ranger_plugins.RangerLars` ("Over9000": RAdam + LARS trust ratio + Lookahead) as a
+    fastai `opt_func`, with the variant's defaults under fastai's names (``wd`` is its
+    decoupled weight decay). ``options`` go to the class (``gc_conv_only``, ``foreach``).
+    See `ranger` for ``params``, ``lr`` and the result.
+    """
+    hypers = _fastai_hypers(mom, sqr_mom, eps, wd, k, alpha, gc)
+    return _opt_func(RangerLars, params, lr, hypers, options)
+
+
+#: The opt_func of each optimizer of `ranger_plugins.family.OPTIMIZERS`, by the same name.
+OPT_FUNCS: dict[str, Callable[..., RangerOptimWrapper]] = {
+    "ranger": ranger,
+    "ranger_qh": ranger_qh,
+    "ranger_va": ranger_va,
+    "ranger21": ranger21,
+    "ranger_lars": ranger_lars,
+}
+
+
+def opt_func_for(name: str | type[LookaheadOptimizer]) -> Callable[..., RangerOptimWrapper]:
+    """The opt_func of the optimizer registered as ``name`` (or of that class):
+    ``Learner(dls, model, opt_func=opt_func_for("ranger_qh"))``. Bind options with
+    ``functools.partial`` as usual; a ``ValueError`` names the known optimizers."""
+    cls = optimizer_class(name)
+    for key, registered in OPTIMIZERS.items():
+        if registered is cls:
+            return OPT_FUNCS[key]
+    raise ValueError(f"no fastai opt_func for {cls.__name__} (known: {', '.join(OPT_FUNCS)})")
+
+
+def _fastai_hypers(
+    mom: float, sqr_mom: float, eps: float, wd: float, k: int, alpha: float, gc: bool
+) -> dict[str, Any]:
+    """The core's keyword arguments for fastai's hyperparameter names."""
+    return dict(betas=(mom, sqr_mom), eps=eps, weight_decay=wd, k=k, alpha=alpha, use_gc=gc)
+
+
+def _opt_func(
+    cls: Callable[..., LookaheadOptimizer],
+    params: Iterable,
+    lr: float | slice,
+    hypers: dict[str, Any],
+    options: dict[str, Any],
+) -> RangerOptimWrapper:
+    """What every opt_func does: ``cls`` over the layer groups, wrapped for fastai."""
+    taken = [name for name in options if name in _FASTAI_NAMES]
+    if taken:
+        raise TypeError(
+            f"{taken[0]!r} is set through fastai's name here: pass {_FASTAI_NAMES[taken[0]]}"
+        )
     core_groups = []
-    for group in groups:
+    for group in _layer_groups(params):
         # Every layer group becomes two core groups: the params that are decayed, and a
         # twin with weight_decay 0 for those the Learner flags `do_wd=False` (filled later,
         # by `RangerOptimWrapper._apply_wd_flags`, since the Learner sets the flags after
         # the optimizer is built). fastai only ever sees the layer groups.
         core_groups.append(group)
         core_groups.append({**group, "params": [], "weight_decay": 0.0})
-    optimizer = Ranger(
-        core_groups,
-        lr=lr.stop if isinstance(lr, slice) else lr,
-        betas=(mom, sqr_mom),
-        eps=eps,
-        weight_decay=wd,
-        k=k,
-        alpha=alpha,
-        use_gc=gc,
-        gc_conv_only=gc_conv_only,
-        rectify_threshold=rectify_threshold,
-        foreach=foreach,
-        fused=fused,
-    )
+    optimizer = cls(core_groups, lr=lr.stop if isinstance(lr, slice) else lr, **hypers, **options)
     wrapper = RangerOptimWrapper(optimizer)
     if isinstance(lr, slice):
         wrapper.set_hyper("lr", lr)
@@ -257,11 +447,15 @@ def _param_fitting(params: list[torch.Tensor], index: Any, *saved: Any) -> torch
 
 
 class RangerOptimWrapper(OptimWrapper):
-    """fastai's `OptimWrapper` around the core `Ranger`, with per-parameter weight decay.
+    """fastai's `OptimWrapper` around a core optimizer of the Ranger family (`Ranger` or a
+    variant), with per-parameter weight decay.
 
     fastai sees one group per layer group of the splitter (so ``slice`` lrs, ``freeze_to``
     and schedulers count them as usual) and the hyperparameter names of ``RANGER_HP_MAP``
-    (lr, mom, sqr_mom, eps, wd, k, alpha, gc, ...). Underneath, each layer group is a pair
+    for the group keys the core has (lr, mom, sqr_mom, eps, wd, k, alpha, gc; nu_1, nu_2
+    and decouple_wd for RangerQH), the core's other group keys under their own names
+    (``rectify_threshold``, ``amsgrad``, ``norm_loss_factor``, ...). Every value set is
+    checked by the core's own checks before any group changes. Underneath, each layer group is a pair
     of core groups: one decayed, one with ``weight_decay=0`` holding the params the Learner
     flagged ``do_wd=False`` in ``opt.state`` (norm layers and biases when
     ``wd_bn_bias=False``). fastai's plain `OptimWrapper` ignores those flags.
@@ -275,11 +469,12 @@ class RangerOptimWrapper(OptimWrapper):
     would have.
     """
 
-    def __init__(self, opt: Ranger) -> None:
-        if not isinstance(opt, Ranger) or len(opt.param_groups) % 2:
+    def __init__(self, opt: LookaheadOptimizer) -> None:
+        if not isinstance(opt, LookaheadOptimizer) or len(opt.param_groups) % 2:
             raise TypeError(
-                "RangerOptimWrapper wraps a core Ranger built with paired groups (decayed, "
-                "no decay) per layer group; build it with `ranger_plugins.fastai.ranger()`"
+                "RangerOptimWrapper wraps a core optimizer of the Ranger family built with "
+                "paired groups (decayed, no decay) per layer group; build it with an opt_func "
+                "of `ranger_plugins.fastai` (`ranger`, `ranger_qh`, ...)"
             )
         super().__init__(opt=opt, hp_map=RANGER_HP_MAP)
         self._lookahead_before_finish: _TrainingStateBeforeFinish | None = None
@@ -333,12 +528,13 @@ class RangerOptimWrapper(OptimWrapper):
         # (fastai's schedulers hand out numpy scalars).
         values = [value.item() if hasattr(value, "item") else value for value in values]
         name = torch_key.split("__")[0]  # "betas__1" sets an item of "betas"
+        check = type(self.opt).check_group
         updated = []
         for (decayed, exempt), value in zip(self._pairs(), values):
             targets = [decayed] if torch_key == "weight_decay" else [decayed, exempt]
             for group in targets:
                 new_group = set_item_pg(dict(group), torch_key, value)
-                check_hyperparameters(new_group)  # all checked before anything changes
+                check(new_group)  # all checked before anything changes
                 updated.append((group, new_group))
         for group, new_group in updated:
             group[name] = new_group[name]
@@ -363,7 +559,7 @@ class RangerOptimWrapper(OptimWrapper):
         self._lookahead_before_finish = None
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One core `Ranger` step (the closure, if given, is evaluated by the core)."""
+        """One step of the core optimizer (the closure, if given, is evaluated by it)."""
         self._apply_wd_flags()
         return self.opt.step(closure)
 
@@ -390,11 +586,12 @@ class RangerOptimWrapper(OptimWrapper):
         self._lookahead_before_finish = before_finish
 
     def sync_lookahead(self) -> None:
-        """Force a Lookahead sync now (see `Ranger.sync_lookahead`)."""
+        """Force a Lookahead sync now (see `LookaheadControls.sync_lookahead`)."""
         self.opt.sync_lookahead()
 
     def slow_weights(self) -> contextlib.AbstractContextManager[None]:
-        """Context manager with the slow weights in the model (see `Ranger.slow_weights`)."""
+        """Context manager with the slow weights in the model (see
+        `LookaheadControls.slow_weights`)."""
         return self.opt.slow_weights()
 
 
@@ -407,8 +604,10 @@ def _lookahead_optimizer(learn: Any) -> LookaheadControls | None:
 class LookaheadCallback(Callback):
     """Validate on Lookahead's slow weights; end ``fit`` on the synced slow weights.
 
-    Add it to a Learner that uses `ranger` (or any `OptimWrapper` around a core `Ranger`
-    or `Lookahead`; it reaches the core optimizer as ``learn.opt.opt``)::
+    Add it to a Learner that uses `ranger` or a variant's opt_func (`ranger_qh`,
+    `ranger_va`, `ranger21`, `ranger_lars`), or any `OptimWrapper` around a core optimizer
+    of the family or `Lookahead`; it reaches the core optimizer as ``learn.opt.opt`` and uses
+    only the Lookahead controls they all share::
 
         learn = Learner(dls, model, opt_func=ranger, cbs=LookaheadCallback())
 
@@ -427,7 +626,7 @@ class LookaheadCallback(Callback):
       ``LookaheadCallback``. Skipped under ``lr_find`` (which restores the model anyway).
     * The end-of-fit weights are for evaluation and export, not a training step: the fast
       and slow weights they replaced are kept beside the optimizer (in its state dict with
-      `ranger`, so ``save(with_opt=True)``/``load`` and ``export`` carry them), and the next
+      the opt_funcs of this module, so ``save(with_opt=True)``/``load`` and ``export`` carry them), and the next
       ``fit`` (``before_fit``) trains on from them, so ``fit(1); fit(1)`` trains like
       ``fit(2)``. Unless the model or the optimizer state changed in between (``load`` of
       other weights, ``freeze``/``unfreeze``, which reset the state): then it trains on from

@@ -1,4 +1,4 @@
-"""Ranger for Lightning: a ``configure_optimizers`` helper and a Lookahead callback.
+"""The Ranger family for Lightning: a ``configure_optimizers`` helper and a Lookahead callback.
 
 Works with both packagings of Lightning, ``lightning.pytorch`` and ``pytorch_lightning``:
 `LookaheadCallback` subclasses the ``Callback`` class of each one installed, so both trainers
@@ -13,6 +13,11 @@ Example::
             return ranger_optimizers(self, lr=4e-3, schedule="flat_cos")
 
     Trainer(callbacks=[LookaheadCallback()]).fit(Model())
+
+A variant is picked by name, its own options passed on: ``ranger_optimizers(self,
+optimizer="ranger_qh", nus=(0.7, 1.0))``. With ``LightningCLI``, ``--optimizer
+ranger_plugins.RangerQH`` (or ``Ranger``, ``RangerVA``, ``Ranger21``, ``RangerLars``) picks
+the class itself.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,10 +36,13 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from ._base import LookaheadOptimizer
 from ._math import check_gc_supported
+from .family import optimizer_class
 from .lookahead import LookaheadControls, check_weights_after_fit
 from .param_groups import no_decay_param_groups
 from .ranger import Ranger
+from .ranger21 import Ranger21
 from .schedules import FlatCosineLR, OneCycleCosineLR, OptimizerStepLR
 
 __all__ = ["LookaheadCallback", "no_decay_param_groups", "ranger_optimizers"]
@@ -58,12 +67,12 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-def _check_gc_supported(groups: list[dict[str, Any]], use_gc: bool) -> None:
-    """The core `Ranger` refuses GC where it cannot run (FSDP1's flattened params) at its
+def _check_gc_supported(groups: list[dict[str, Any]]) -> None:
+    """The core optimizers refuse GC where it cannot run (FSDP1's flattened params) at their
     first step; checking here, when ``configure_optimizers`` builds the optimizer, stops the
     run before any training."""
-    if use_gc:
-        for group in groups:
+    for group in groups:
+        if group["use_gc"]:
             for param in group["params"]:
                 check_gc_supported(param)
 
@@ -87,24 +96,37 @@ def _estimated_total_steps(module: nn.Module) -> int:
     return int(total)
 
 
+#: ``ranger_optimizers``' weight decay when none is given: the Ranger + Mish recipe's 1e-2 for
+#: Ranger, each variant's own default otherwise.
+_RANGER_WEIGHT_DECAY = 1e-2
+
+# Ranger21's own schedule flags (see `ranger_plugins.ranger21.Ranger21Schedule`).
+_RANGER21_SCHEDULE_FLAGS = ("use_warmup", "warmdown_active")
+
+
 def ranger_optimizers(
     module: nn.Module,
     lr: float = 4e-3,
     *,
+    optimizer: str | type[LookaheadOptimizer] = "ranger",
     schedule: Literal["flat_cos", "one_cycle", "constant"] = "flat_cos",
     total_steps: int | None = None,
     pct_start: float | None = None,
     div_start: float = 25.0,
     div_final: float = 1e5,
-    weight_decay: float = 1e-2,
+    weight_decay: float | None = None,
     exclude_bias_and_norm: bool = True,
-    **ranger_kwargs: Any,
+    **optimizer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Ranger and its learning-rate schedule, in the form ``configure_optimizers`` returns.
+    """An optimizer of the Ranger family and its learning-rate schedule, in the form
+    ``configure_optimizers`` returns.
 
     Args:
         module: the model (normally ``self`` in ``configure_optimizers``).
         lr: the peak learning rate (the flat part of ``flat_cos``).
+        optimizer: which optimizer, by its name in `ranger_plugins.family.OPTIMIZERS`
+            (``"ranger"``, ``"ranger_qh"``, ``"ranger_va"``, ``"ranger21"``,
+            ``"ranger_lars"``) or its class.
         schedule: ``"flat_cos"`` (fastai's ``fit_flat_cos``: flat for ``pct_start``, then
             cosine to ``lr / div_final``), ``"one_cycle"`` (fastai's ``fit_one_cycle`` lr:
             cosine warm-up from ``lr / div_start`` over ``pct_start``, then cosine to
@@ -115,13 +137,25 @@ def ranger_optimizers(
             0.25 for ``one_cycle``).
         div_start: ``one_cycle`` starts at ``lr / div_start``.
         div_final: the schedule ends at ``lr / div_final``.
-        weight_decay: Ranger's decoupled weight decay (the Ranger + Mish recipe's 1e-2).
+        weight_decay: the optimizer's weight decay; default: 1e-2 for Ranger (the Ranger +
+            Mish recipe's), the variant's own default for the others (RangerQH, RangerVA
+            and RangerLars 0, Ranger21 1e-4).
         exclude_bias_and_norm: give biases and normalisation layers no weight decay.
-        **ranger_kwargs: passed on to `Ranger` (``betas``, ``eps``, ``k``, ``alpha``,
-            ``use_gc``, ...).
+        **optimizer_kwargs: passed on to the optimizer's class, under its own names
+            (``betas``, ``eps``, ``k``, ``alpha``, ``use_gc``; RangerQH's ``nus`` and
+            ``decouple_weight_decay``, RangerVA's ``amsgrad``, Ranger21's
+            ``norm_loss_factor``, ...).
+
+    Ranger21 brings its own warmup and warmdown (``use_warmup``, ``warmdown_active``).
+    With ``schedule="flat_cos"`` or ``"one_cycle"`` they are turned off, so the step uses
+    exactly the lr of the attached scheduler (asking for either then raises a
+    ``ValueError``). With ``schedule="constant"`` Ranger21 schedules itself when it is given
+    ``num_iterations`` (the run's optimizer steps; its defaults then turn both on);
+    without it they are off, unless turned on explicitly (a warmup of
+    ``num_warmup_iterations`` steps needs no run length).
 
     Returns:
-        ``{"optimizer": Ranger, "lr_scheduler": {"scheduler": ..., "interval": "step"}}``.
+        ``{"optimizer": ..., "lr_scheduler": {"scheduler": ..., "interval": "step"}}``.
         The scheduler is an `OptimizerStepLR`: its position is the number of optimizer steps
         actually taken, so a step that GradScaler skips does not advance it, although
         Lightning calls ``scheduler.step()`` after every optimizer step either way.
@@ -131,35 +165,78 @@ def ranger_optimizers(
         raise ValueError(f"Invalid schedule: {schedule!r} (must be one of {schedules})")
     if total_steps is not None and not (isinstance(total_steps, int) and total_steps >= 1):
         raise ValueError(f"Invalid total_steps: {total_steps!r} (must be an int >= 1)")
+    cls = optimizer_class(optimizer)
+    if weight_decay is None:
+        weight_decay = _default_weight_decay(cls)
     groups = no_decay_param_groups(
         module, weight_decay, exclude_bias_and_norm=exclude_bias_and_norm
     )
-    _check_gc_supported(groups, ranger_kwargs.get("use_gc", True))
-    if schedule != "constant" and total_steps is None:
+    kwargs = _with_schedule_flags(cls, schedule, optimizer_kwargs)
+    built = cls(groups, lr=lr, weight_decay=weight_decay, **kwargs)  # type: ignore[call-arg]
+    _check_gc_supported(built.param_groups)
+    if schedule == "constant":
+        return {"optimizer": built}
+    if total_steps is None:
         total_steps = _estimated_total_steps(module)
-    optimizer = Ranger(groups, lr=lr, weight_decay=weight_decay, **ranger_kwargs)
-    if schedule == "constant" or total_steps is None:
-        return {"optimizer": optimizer}
-    scheduler: OptimizerStepLR
+    return {
+        "optimizer": built,
+        "lr_scheduler": {
+            "scheduler": _scheduler(built, schedule, total_steps, pct_start, div_start, div_final),
+            "interval": "step",
+            "frequency": 1,
+        },
+    }
+
+
+def _default_weight_decay(cls: type[LookaheadOptimizer]) -> float:
+    if issubclass(cls, Ranger):
+        return _RANGER_WEIGHT_DECAY
+    default = inspect.signature(cls).parameters["weight_decay"].default
+    return float(default)
+
+
+def _with_schedule_flags(
+    cls: type[LookaheadOptimizer], schedule: str, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """``kwargs`` with Ranger21's own schedule off unless it is wanted (see
+    `ranger_optimizers`); other optimizers' as they are."""
+    if not issubclass(cls, Ranger21):
+        return kwargs
+    if schedule != "constant":
+        asked = [flag for flag in _RANGER21_SCHEDULE_FLAGS if kwargs.get(flag)]
+        if asked:
+            raise ValueError(
+                f"Ranger21's {asked[0]}=True with schedule={schedule!r}: the two schedules "
+                "would compose (see ranger_plugins.ranger21.Ranger21Schedule). Use "
+                "schedule='constant' with num_iterations for Ranger21's own schedule, or "
+                "leave its flags off (the default here) to use the attached one."
+            )
+    own = schedule == "constant" and kwargs.get("num_iterations") is not None
+    return {**dict.fromkeys(_RANGER21_SCHEDULE_FLAGS, own), **kwargs}
+
+
+def _scheduler(
+    optimizer: Optimizer,
+    schedule: str,
+    total_steps: int,
+    pct_start: float | None,
+    div_start: float,
+    div_final: float,
+) -> OptimizerStepLR:
     if schedule == "flat_cos":
-        scheduler = FlatCosineLR(
+        return FlatCosineLR(
             optimizer,
             total_steps,
             pct_start=0.75 if pct_start is None else pct_start,
             div_final=div_final,
         )
-    else:
-        scheduler = OneCycleCosineLR(
-            optimizer,
-            total_steps,
-            pct_start=0.25 if pct_start is None else pct_start,
-            div_start=div_start,
-            div_final=div_final,
-        )
-    return {
-        "optimizer": optimizer,
-        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-    }
+    return OneCycleCosineLR(
+        optimizer,
+        total_steps,
+        pct_start=0.25 if pct_start is None else pct_start,
+        div_start=div_start,
+        div_final=div_final,
+    )
 
 
 def _lookahead_optimizers(optimizers: Iterable[Optimizer]) -> list[LookaheadControls]:
@@ -275,7 +352,8 @@ def _saved_fast_state(trainer: Any, checkpoint: Mapping[str, Any]) -> Mapping[st
 
 
 class LookaheadCallback(*_callback_bases()):  # type: ignore[misc]
-    """Evaluate and checkpoint the Lookahead slow weights of `Ranger` / `Lookahead`.
+    """Evaluate and checkpoint the Lookahead slow weights of the Ranger family (`Ranger`,
+    `RangerQH`, `RangerVA`, `Ranger21`, `RangerLars`) or `Lookahead`.
 
     * Validation during ``fit`` runs on the slow weights: they are put into the model at
       the start of each validation epoch and the fast weights are restored exactly at its
@@ -349,8 +427,9 @@ class LookaheadCallback(*_callback_bases()):  # type: ignore[misc]
         """
         if not _lookahead_optimizers(trainer.optimizers) and trainer.is_global_zero:
             warnings.warn(
-                "LookaheadCallback found no optimizer with Lookahead slow weights (Ranger or "
-                "ranger_plugins.Lookahead) in configure_optimizers; it will do nothing.",
+                "LookaheadCallback found no optimizer with Lookahead slow weights (one of the "
+                "Ranger family or ranger_plugins.Lookahead) in configure_optimizers; it will "
+                "do nothing.",
                 stacklevel=2,
             )
 

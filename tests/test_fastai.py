@@ -1,5 +1,5 @@
 """The fastai adapter with real `Learner`s on CPU: every fastai mechanism, parity with
-fastai's own `ranger`, and `LookaheadCallback`."""
+fastai's own `ranger`, `LookaheadCallback`, and the variants' opt_funcs."""
 
 from __future__ import annotations
 
@@ -25,14 +25,21 @@ from fastai.learner import load_learner  # noqa: E402
 from fastai.optimizer import Adam as fastai_adam  # noqa: E402
 from fastai.optimizer import OptimWrapper  # noqa: E402
 from fastai.optimizer import ranger as fastai_ranger  # noqa: E402
-from fastai_helpers import body_head_splitter, quiet, tiny_learner, weights  # noqa: E402
+from fastai_helpers import body_head_splitter, quiet, tiny_learner, tiny_model, weights  # noqa: E402
 
-from ranger_plugins import Lookahead, _cpu_kernel  # noqa: E402
+from ranger_plugins import OPTIMIZERS, Lookahead, _cpu_kernel  # noqa: E402
+from ranger_plugins import ranger21 as ranger21_module  # noqa: E402
 from ranger_plugins.fastai import (  # noqa: E402
     BEFORE_FINISH_KEY,
+    OPT_FUNCS,
     LookaheadCallback,
     RangerOptimWrapper,
+    opt_func_for,
     ranger,
+    ranger21,
+    ranger_lars,
+    ranger_qh,
+    ranger_va,
 )
 
 STEPS_PER_EPOCH = 6  # tiny_learner: 48 training samples, bs 8
@@ -839,3 +846,290 @@ def test_fused_keyword_trains_like_the_default_path():
     assert _cpu_kernel.step_kernel() is not None  # the C++ kernel really ran
     for a, b in zip(weights(fused), weights(default)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# --- the Ranger family: one opt_func per variant ------------------------------------------
+
+VARIANTS = ["ranger_qh", "ranger_va", "ranger21", "ranger_lars"]
+
+# Where an opt_func departs from its class's defaults (each documented in its docstring):
+# fastai's `wd` is true weight decay, and fastai's schedulers own the lr.
+ADAPTER_DEFAULTS = {
+    "ranger": {"betas": (0.95, 0.99), "eps": 1e-6, "weight_decay": 0.01, "use_gc": False},
+    "ranger_qh": {"decouple_weight_decay": True},
+    "ranger21": {"use_warmup": False, "warmdown_active": False},
+}
+
+# fastai hyperparameter -> a value to set, and the core group key and value it must give.
+COMMON_HYPERS = {
+    "mom": (0.8, "betas", 0),
+    "sqr_mom": (0.95, "betas", 1),
+    "eps": (1e-7, "eps", None),
+    "k": (3, "lookahead_k", None),
+    "alpha": (0.3, "lookahead_alpha", None),
+    "gc": (True, "use_gc", None),
+}
+# Each variant's own group keys, set through the wrapper (fastai's names where it has them).
+VARIANT_HYPERS = {
+    "ranger": {"rectify_threshold": (6.0, "rectify_threshold", None)},
+    "ranger_qh": {
+        "nu_1": (0.6, "nus", 0),
+        "nu_2": (0.9, "nus", 1),
+        "decouple_wd": (False, "decouple_weight_decay", None),
+    },
+    "ranger_va": {"smooth": (20.0, "smooth", None), "amsgrad": (False, "amsgrad", None)},
+    "ranger21": {"norm_loss_factor": (1e-3, "norm_loss_factor", None)},
+    "ranger_lars": {"gc_conv_only": (True, "gc_conv_only", None)},
+}
+
+
+def _group_value(group, key, index):
+    return group[key] if index is None else group[key][index]
+
+
+def test_every_optimizer_of_the_family_has_an_opt_func_by_its_name():
+    assert list(OPT_FUNCS) == list(OPTIMIZERS)
+    for name, cls in OPTIMIZERS.items():
+        assert opt_func_for(name) is OPT_FUNCS[name] is opt_func_for(cls)
+        assert OPT_FUNCS[name].__name__ == name  # fastai names opt_funcs by optimizer
+        wrapper = OPT_FUNCS[name](list(torch.nn.Linear(3, 2).parameters()))
+        assert isinstance(wrapper, RangerOptimWrapper) and type(wrapper.opt) is cls
+    with pytest.raises(ValueError, match="ranger_qh"):
+        opt_func_for("rangerqh")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_opt_func_defaults_are_the_variants_own_under_fastai_names(name):
+    params = list(torch.nn.Linear(3, 2).parameters())
+    core = OPT_FUNCS[name](params).opt
+    reference = OPTIMIZERS[name](params, **ADAPTER_DEFAULTS.get(name, {}))
+    assert core.defaults == reference.defaults
+    # The no-decay twin group differs only in its weight decay.
+    decayed, exempt = core.param_groups
+    assert {**decayed, "params": None, "weight_decay": 0.0} == {**exempt, "params": None}
+
+
+def test_the_cores_names_for_fastais_hyperparameters_are_refused_with_fastais():
+    params = list(torch.nn.Linear(3, 2).parameters())
+    with pytest.raises(TypeError, match="mom and sqr_mom"):
+        ranger_qh(params, betas=(0.9, 0.99))
+    with pytest.raises(TypeError, match="nu_1 and nu_2"):
+        ranger_qh(params, nus=(0.7, 1.0))
+    with pytest.raises(TypeError, match="pass wd"):
+        ranger_lars(params, weight_decay=0.1)
+    with pytest.raises(TypeError, match="no_such_option"):
+        ranger_va(params, no_such_option=1)
+
+
+def test_variant_options_pass_through_to_the_class():
+    params = list(torch.nn.Linear(3, 2).parameters())
+    va = ranger_va(params, amsgrad=False, transformer="none", smooth=20.0).opt
+    assert all(
+        (g["amsgrad"], g["transformer"], g["smooth"]) == (False, "none", 20.0)
+        for g in va.param_groups
+    )
+    r21 = ranger21(params, norm_loss_factor=0.0, use_agc=False, num_iterations=100).opt
+    assert all(
+        (g["norm_loss_factor"], g["use_agc"], g["num_iterations"]) == (0.0, False, 100)
+        for g in r21.param_groups
+    )
+    assert all(g["gc_conv_only"] for g in ranger_lars(params, gc_conv_only=True).opt.param_groups)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_wrapper_hypers_set_the_variants_group_keys(name):
+    wrapper = OPT_FUNCS[name](body_head_splitter(tiny_model()), lr=slice(1e-4, 1e-2))
+    hypers = {**COMMON_HYPERS, **VARIANT_HYPERS[name]}
+    for hyper, (value, _, _) in hypers.items():
+        wrapper.set_hyper(hyper, value)
+    wrapper.set_hyper("wd", 0.05)
+    assert len(wrapper.hypers) == 2  # the layer groups; four core groups underneath
+    assert [h["lr"] for h in wrapper.hypers] == pytest.approx([1e-4, 1e-2])
+    for layer_hypers in wrapper.hypers:
+        assert all(layer_hypers[hyper] == value for hyper, (value, _, _) in hypers.items())
+    groups = wrapper.opt.param_groups
+    for group in groups:
+        for hyper, (value, key, index) in hypers.items():
+            assert _group_value(group, key, index) == value, hyper
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0, 0.05, 0.0]  # decayed, no-decay
+    # The core's own checks, before anything changes.
+    with pytest.raises(ValueError, match="betas"):
+        wrapper.set_hyper("mom", 1.5)
+    with pytest.raises(ValueError, match="lookahead|k"):
+        wrapper.set_hypers(k=0)
+    assert all(g["betas"][0] == 0.8 and g["lookahead_k"] == 3 for g in groups)
+
+
+def _assert_trained(learn, before, steps):
+    after = weights(learn)
+    assert not all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.isfinite(w).all() for w in after)
+    assert {s["step"] for s in _core(learn).state.values()} == {steps}
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in learn.recorder.values[-1])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_trains_under_fit_one_cycle_which_moves_lr_and_mom_on_its_groups(name):
+    learn = tiny_learner(OPT_FUNCS[name])
+    before, spy = weights(learn), _RecordEachStep()
+    learn.fit_one_cycle(2, 1e-2, cbs=spy)
+    assert type(_core(learn)) is OPTIMIZERS[name]
+    _assert_trained(learn, before, 2 * STEPS_PER_EPOCH)
+    lrs = [groups[0]["lr"] for groups in spy.groups]
+    beta1s = [groups[0]["betas"][0] for groups in spy.groups]
+    assert max(lrs) > 5 * min(lrs) and max(beta1s) - min(beta1s) > 0.05
+    assert lrs == pytest.approx(learn.recorder.hps["lr"])
+    assert beta1s == pytest.approx(learn.recorder.hps["mom"])
+    beta2 = _core(learn).defaults["betas"][1]
+    for groups in spy.groups:  # every core group (both wd twins of both layer groups)
+        assert len({(g["lr"], g["betas"]) for g in groups}) == 1
+        assert all(g["betas"][1] == beta2 for g in groups)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_trains_under_fit_flat_cos_which_moves_its_lr(name):
+    learn = tiny_learner(OPT_FUNCS[name])
+    before, spy = weights(learn), _RecordEachStep()
+    learn.fit_flat_cos(2, 1e-2, pct_start=0.5, cbs=spy)
+    _assert_trained(learn, before, 2 * STEPS_PER_EPOCH)
+    lrs = [groups[0]["lr"] for groups in spy.groups]
+    assert lrs[:STEPS_PER_EPOCH] == pytest.approx([1e-2] * STEPS_PER_EPOCH)
+    assert all(a > b for a, b in zip(lrs[STEPS_PER_EPOCH:], lrs[STEPS_PER_EPOCH + 1 :]))
+    assert lrs == pytest.approx(learn.recorder.hps["lr"])
+    beta1 = _core(learn).defaults["betas"][0]
+    assert all(g["betas"][0] == beta1 for groups in spy.groups for g in groups)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_save_with_opt_then_load_continues_exactly(tmp_path, name):
+    opt_func = OPT_FUNCS[name]
+    uninterrupted = tiny_learner(opt_func, path=tmp_path)
+    uninterrupted.fit_one_cycle(1, 1e-2, cbs=_StopAfter(4))
+    uninterrupted.fit_one_cycle(1, 1e-2)
+
+    first = tiny_learner(opt_func, path=tmp_path)
+    first.fit_one_cycle(1, 1e-2, cbs=_StopAfter(4))
+    saved = torch.load(first.save("checkpoint", with_opt=True), weights_only=True)
+    assert saved["opt"]["state"]
+
+    resumed = tiny_learner(opt_func, path=tmp_path, seed=1)
+    resumed.load("checkpoint", with_opt=True)
+    resumed.fit_one_cycle(1, 1e-2)
+    _assert_same_training_state(resumed, uninterrupted)
+    assert {s["step"] for s in _core(resumed).state.values()} == {10}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_with_callback_save_after_fit_then_load_trains_on_like_one_longer_fit(
+    tmp_path, name
+):
+    def learner(**kwargs):
+        return tiny_learner(partial(OPT_FUNCS[name], k=4), cbs=LookaheadCallback(), **kwargs)
+
+    uninterrupted = learner()
+    uninterrupted.fit(2, 1e-2)
+
+    first = learner(path=tmp_path)
+    first.fit(1, 1e-2)  # ends on the synced slow weights, between syncs (6 steps, k = 4)
+    after_fit = weights(first)
+    saved = torch.load(first.save("after_fit", with_opt=True), weights_only=True)
+    assert BEFORE_FINISH_KEY in saved["opt"]
+
+    resumed = learner(path=tmp_path, seed=1)
+    resumed.load("after_fit", with_opt=True)
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), after_fit))
+    resumed.fit(1, 1e-2)
+    _assert_same_training_state(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_callback_validates_each_variant_on_its_slow_weights(name):
+    """k = 4 with 6 steps per epoch: at every validation slow != fast."""
+    opt_func = partial(OPT_FUNCS[name], k=4)
+    with_callback = tiny_learner(opt_func, cbs=LookaheadCallback(weights_after_fit="fast"))
+    synced = tiny_learner(opt_func, cbs=LookaheadCallback())
+    plain = tiny_learner(opt_func)
+    spies = _WeightsAfterTrain(), _WeightsAfterTrain()
+    with_callback.fit(3, 1e-2, cbs=spies[0])
+    plain.fit(3, 1e-2, cbs=spies[1])
+    synced.fit(3, 1e-2)
+    for ours, theirs in zip(*(spy.snapshots for spy in spies)):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # training unchanged
+
+    core, valid = _core(with_callback), with_callback.dls.valid
+    fast_loss = _loss_on(with_callback, valid)
+    with core.slow_weights():
+        slow_loss = _loss_on(with_callback, valid)
+    recorded = with_callback.recorder.values[-1][1]
+    assert recorded == pytest.approx(slow_loss, rel=1e-6)
+    assert recorded != pytest.approx(fast_loss, rel=1e-4)
+    # The default ends fit on the synced slow weights: what a sync by hand gives.
+    plain.opt.sync_lookahead()
+    assert all(torch.equal(a, b) for a, b in zip(weights(synced), weights(plain)))
+
+
+class _Ranger21LearningRates:
+    """The lr each Ranger21 step uses (after its own schedule), and the group lr it got."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        original = ranger21_module._step_scalars
+
+        def spy(step, **kwargs):
+            scalars = original(step, **kwargs)
+            self.calls.append((step, kwargs["lr"], scalars.lr))
+            return scalars
+
+        monkeypatch.setattr(ranger21_module, "_step_scalars", spy)
+
+    def per_step(self):
+        """(group lr, lr used) of each step (every group steps with the same lr here)."""
+        by_step = {}
+        for step, given, used in self.calls:
+            by_step.setdefault(step, set()).add((given, used))
+        assert all(len(pairs) == 1 for pairs in by_step.values())
+        return [next(iter(by_step[step])) for step in sorted(by_step)]
+
+
+@pytest.mark.parametrize("fit", ["fit_one_cycle", "fit_flat_cos"])
+def test_ranger21_steps_with_exactly_the_lr_fastais_scheduler_sets(monkeypatch, fit):
+    lrs = _Ranger21LearningRates(monkeypatch)
+    learn = tiny_learner(ranger21)
+    getattr(learn, fit)(2, 1e-2)
+    groups = _core(learn).param_groups
+    assert not any(g["use_warmup"] or g["warmdown_active"] for g in groups)
+    per_step = lrs.per_step()
+    assert len(per_step) == 2 * STEPS_PER_EPOCH
+    assert all(given == used for given, used in per_step)  # Ranger21's schedule is off
+    assert [used for _, used in per_step] == pytest.approx(learn.recorder.hps["lr"])
+
+
+def test_ranger21_own_schedule_passed_on_composes_with_fastais(monkeypatch):
+    lrs = _Ranger21LearningRates(monkeypatch)
+    warmup = 4
+    learn = tiny_learner(partial(ranger21, use_warmup=True, num_warmup_iterations=warmup))
+    learn.fit_flat_cos(1, 1e-2)
+    per_step = lrs.per_step()
+    # The warmups multiply: fastai's flat 1e-2, times step / 4 over the first 4 steps.
+    expected = [1e-2 * min(1.0, step / warmup) for step in range(1, STEPS_PER_EPOCH + 1)]
+    assert [used for _, used in per_step][:warmup] == pytest.approx(expected[:warmup])
+    assert [given for given, _ in per_step][:warmup] == pytest.approx([1e-2] * warmup)
+    # The warmdown needs the run's length.
+    with pytest.raises(ValueError, match="num_iterations"):
+        tiny_learner(partial(ranger21, warmdown_active=True)).create_opt()
+    learn = tiny_learner(partial(ranger21, warmdown_active=True, num_iterations=6))
+    learn.create_opt()
+    assert all(g["warmdown_active"] and g["num_iterations"] == 6 for g in _core(learn).param_groups)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_export_then_load_learner_builds_the_variant_again(tmp_path, name):
+    learn = tiny_learner(partial(OPT_FUNCS[name], k=3), path=tmp_path, cbs=LookaheadCallback())
+    learn.fit(1, 1e-2)
+    learn.export("exported.pkl")
+    loaded = quiet(load_learner(tmp_path / "exported.pkl"))
+    assert loaded.opt_func.func is OPT_FUNCS[name]
+    loaded.dls = learn.dls
+    loaded.fit(1, 1e-2)
+    assert type(_core(loaded)) is OPTIMIZERS[name]
+    assert all(g["lookahead_k"] == 3 for g in _core(loaded).param_groups)

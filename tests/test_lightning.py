@@ -1,10 +1,12 @@
-"""Lightning adapter: `ranger_optimizers` and `LookaheadCallback`."""
+"""Lightning adapter: `ranger_optimizers` and `LookaheadCallback`, with Ranger and each
+variant of the family."""
 
 from __future__ import annotations
 
 import copy
 import functools
 import importlib
+import inspect
 import warnings
 
 import lightning.pytorch as lp
@@ -17,7 +19,8 @@ from lightning_helpers import CrashAt, SimulatedCrash
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ranger_plugins import Ranger
+from ranger_plugins import OPTIMIZERS, Ranger, Ranger21
+from ranger_plugins import ranger21 as ranger21_module
 from ranger_plugins.lightning import (
     FAST_STATE_KEY,
     LookaheadCallback,
@@ -40,7 +43,8 @@ def _fastai_combined_cos():
 
 def _make_model_class(base):
     class RangerModel(base):
-        """BoringModel with two layers, fixed data, Ranger, and checks in validation."""
+        """BoringModel with two layers, fixed data, Ranger (or the variant named by
+        ``optimizer``), and checks in validation."""
 
         def __init__(
             self,
@@ -49,6 +53,7 @@ def _make_model_class(base):
             manual: bool = False,
             lr: float = 2e-2,
             total_steps: int | None = None,
+            optimizer: str = "ranger",
         ) -> None:
             super().__init__()
             self.save_hyperparameters()
@@ -65,6 +70,7 @@ def _make_model_class(base):
                 schedule=hparams.schedule,
                 k=hparams.k,
                 total_steps=hparams.total_steps,
+                optimizer=hparams.optimizer,
             )
 
         def training_step(self, batch, batch_idx):
@@ -672,7 +678,9 @@ def test_fp16_gradscaler_skip_leaves_optimizer_lookahead_and_schedule_untouched(
 # -- LightningCLI and the pytorch_lightning package ------------------------------------------
 
 
-def test_lightning_cli_with_ranger_optimizer_and_callback(tmp_path):
+def _fit_with_cli(tmp_path, *optimizer_args):
+    """LightningCLI with the optimizer of ``optimizer_args``, FlatCosineLR and
+    LookaheadCallback from the command line; 4 steps."""
     from lightning.pytorch.cli import LightningCLI
 
     class CLIModel(RangerModel):
@@ -681,10 +689,9 @@ def test_lightning_cli_with_ranger_optimizer_and_callback(tmp_path):
     cli = LightningCLI(
         CLIModel,
         args=[
-            "--optimizer=ranger_plugins.Ranger",
+            *optimizer_args,
             "--optimizer.lr=0.01",
             "--optimizer.k=3",
-            "--optimizer.betas=[0.9, 0.99]",
             "--lr_scheduler=ranger_plugins.schedules.FlatCosineLR",
             "--lr_scheduler.total_steps=4",
             "--lr_scheduler.pct_start=0.5",
@@ -701,14 +708,46 @@ def test_lightning_cli_with_ranger_optimizer_and_callback(tmp_path):
     )
     cli.trainer.fit(cli.model)
     (optimizer,) = cli.trainer.optimizers
-    assert isinstance(optimizer, Ranger)
     group = optimizer.param_groups[0]
-    assert group["lr"] == 0.01 and group["lookahead_k"] == 3 and group["betas"] == (0.9, 0.99)
+    assert group["lookahead_k"] == 3
     assert {s["step"] for s in optimizer.state.values()} == {4}
     assert any(isinstance(cb, LookaheadCallback) for cb in cli.trainer.callbacks)
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert isinstance(scheduler, FlatCosineLR) and scheduler.pct_start == 0.5
-    assert all(cli.model.validated_on_slow_weights)
+    assert cli.model.validated_on_slow_weights and all(cli.model.validated_on_slow_weights)
+    return optimizer
+
+
+def test_lightning_cli_with_ranger_optimizer_and_callback(tmp_path):
+    optimizer = _fit_with_cli(
+        tmp_path, "--optimizer=ranger_plugins.Ranger", "--optimizer.betas=[0.9, 0.99]"
+    )
+    assert isinstance(optimizer, Ranger)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.01 and group["betas"] == (0.9, 0.99)
+
+
+# Each variant by class path, with one of its own options.
+CLI_VARIANTS = {
+    "RangerQH": (["--optimizer.nus=[0.8, 1.0]"], {"nus": (0.8, 1.0)}),
+    "RangerVA": (["--optimizer.amsgrad=false"], {"amsgrad": False}),
+    # The CLI's scheduler sets the lr: Ranger21's own warmup and warmdown off.
+    "Ranger21": (
+        ["--optimizer.use_warmup=false", "--optimizer.warmdown_active=false"],
+        {"use_warmup": False, "warmdown_active": False},
+    ),
+    "RangerLars": (["--optimizer.use_gc=true"], {"use_gc": True}),
+}
+
+
+@pytest.mark.parametrize("class_name", CLI_VARIANTS)
+def test_lightning_cli_picks_each_variant_by_class_path(tmp_path, class_name):
+    args, expected = CLI_VARIANTS[class_name]
+    optimizer = _fit_with_cli(tmp_path, f"--optimizer=ranger_plugins.{class_name}", *args)
+    assert type(optimizer).__name__ == class_name
+    assert type(optimizer) in OPTIMIZERS.values()
+    group = optimizer.param_groups[0]
+    assert {key: group[key] for key in expected} == expected
 
 
 def test_pytorch_lightning_package_accepts_the_callback():
@@ -734,3 +773,182 @@ def test_pytorch_lightning_package_accepts_the_callback():
     assert all(model.validated_on_slow_weights)
     optimizer = trainer.optimizers[0]
     assert all(torch.equal(p, optimizer.state[p]["slow_param"]) for p in model.parameters())
+
+
+# -- the Ranger family: each variant by name ---------------------------------------------------
+
+VARIANTS = ["ranger_qh", "ranger_va", "ranger21", "ranger_lars"]
+
+# One of each variant's own options, passed through ranger_optimizers under the class's name.
+VARIANT_KWARGS = {
+    "ranger_qh": {"nus": (0.8, 0.9), "decouple_weight_decay": True},
+    "ranger_va": {"amsgrad": False, "smooth": 20.0},
+    "ranger21": {"norm_loss_factor": 1e-3, "use_agc": False},
+    "ranger_lars": {"use_gc": True, "gc_conv_only": True},
+}
+
+
+def _norm_model():
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_ranger_optimizers_builds_each_variant_by_name_with_its_options(name):
+    cls = OPTIMIZERS[name]
+    config = ranger_optimizers(
+        _norm_model(), lr=1e-2, optimizer=name, total_steps=10, k=5, **VARIANT_KWARGS[name]
+    )
+    optimizer = config["optimizer"]
+    assert type(optimizer) is cls
+    decayed, exempt = optimizer.param_groups  # no decay on biases and norm layers
+    default_wd = inspect.signature(cls).parameters["weight_decay"].default
+    assert (decayed["weight_decay"], exempt["weight_decay"]) == (default_wd, 0.0)
+    assert len(decayed["params"]) == 1 and len(exempt["params"]) == 3
+    for group in optimizer.param_groups:
+        assert group["lookahead_k"] == 5 and group["lr"] == 1e-2
+        assert all(group[key] == value for key, value in VARIANT_KWARGS[name].items())
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, FlatCosineLR) and scheduler.optimizer is optimizer
+    # The class itself works as well as its name; weight_decay as given.
+    by_class = ranger_optimizers(_norm_model(), optimizer=cls, weight_decay=0.05, total_steps=3)
+    assert type(by_class["optimizer"]) is cls
+    assert [g["weight_decay"] for g in by_class["optimizer"].param_groups] == [0.05, 0.0]
+
+
+def test_ranger_optimizers_weight_decay_defaults_and_bad_names():
+    decays = {
+        name: ranger_optimizers(_norm_model(), optimizer=name, schedule="constant")[
+            "optimizer"
+        ].param_groups[0]["weight_decay"]
+        for name in OPTIMIZERS
+    }
+    # Ranger: the recipe's 1e-2 (as before); the variants: their own defaults.
+    assert decays == {
+        "ranger": 1e-2,
+        "ranger_qh": 0.0,
+        "ranger_va": 0.0,
+        "ranger21": 1e-4,
+        "ranger_lars": 0.0,
+    }
+    with pytest.raises(ValueError, match="ranger_qh"):
+        ranger_optimizers(_norm_model(), optimizer="rangerqh", total_steps=3)
+    with pytest.raises(TypeError, match="nus"):
+        ranger_optimizers(_norm_model(), optimizer="ranger_va", total_steps=3, nus=(0.7, 1.0))
+
+
+def _ranger21_flags(**kwargs):
+    optimizer = ranger_optimizers(_norm_model(), optimizer="ranger21", **kwargs)["optimizer"]
+    assert isinstance(optimizer, Ranger21)
+    flags = {(g["use_warmup"], g["warmdown_active"]) for g in optimizer.param_groups}
+    assert len(flags) == 1
+    return flags.pop()
+
+
+def test_ranger21_schedule_is_off_under_an_attached_schedule_and_its_own_with_constant():
+    # An attached schedule sets the lr: Ranger21's warmup and warmdown are off.
+    for schedule in ("flat_cos", "one_cycle"):
+        assert _ranger21_flags(schedule=schedule, total_steps=10) == (False, False)
+        assert _ranger21_flags(schedule=schedule, total_steps=10, num_iterations=10) == (
+            False,
+            False,
+        )
+        for flag in ("use_warmup", "warmdown_active"):
+            with pytest.raises(ValueError, match=f"{flag}=True with schedule"):
+                ranger_optimizers(
+                    _norm_model(), optimizer="ranger21", schedule=schedule, total_steps=10,
+                    num_iterations=10, **{flag: True},
+                )  # fmt: skip
+    # "constant": Ranger21 schedules itself when it knows the run's length...
+    assert _ranger21_flags(schedule="constant", num_iterations=100) == (True, True)
+    assert _ranger21_flags(schedule="constant", num_iterations=100, use_warmup=False) == (
+        False,
+        True,
+    )
+    # ...and not without it, unless asked to (a warmup of a given length needs none).
+    assert _ranger21_flags(schedule="constant") == (False, False)
+    assert _ranger21_flags(schedule="constant", use_warmup=True, num_warmup_iterations=10) == (
+        True,
+        False,
+    )
+    with pytest.raises(ValueError, match="num_iterations"):
+        _ranger21_flags(schedule="constant", warmdown_active=True)
+
+
+def test_ranger21_in_fit_steps_with_exactly_the_schedulers_lr(monkeypatch):
+    used = {}
+    original = ranger21_module._step_scalars
+
+    def spy(step, **kwargs):
+        scalars = original(step, **kwargs)
+        used.setdefault(step, set()).add((kwargs["lr"], scalars.lr))
+        return scalars
+
+    monkeypatch.setattr(ranger21_module, "_step_scalars", spy)
+    torch.manual_seed(0)
+    model = RangerModel(optimizer="ranger21", schedule="one_cycle")
+    _trainer(max_epochs=2, limit_val_batches=0).fit(model)
+    assert sorted(used) == list(range(1, 17))
+    per_step = [used[step] for step in sorted(used)]
+    assert all(len(pairs) == 1 for pairs in per_step)  # every group the same lr
+    pairs = [pairs.pop() for pairs in per_step]
+    assert all(given == taken for given, taken in pairs)  # Ranger21's own schedule is off
+    assert [taken for _, taken in pairs] == model.lrs  # the lr the scheduler set
+    assert max(model.lrs) > 10 * min(model.lrs)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_callback_validates_each_variant_on_slow_weights_and_training_is_unchanged(name):
+    torch.manual_seed(0)
+    validated = RangerModel(k=5, optimizer=name)
+    trainer = _trainer(val_check_interval=3)
+    trainer.fit(validated)
+    assert len(validated.validated_on_slow_weights) == 2 * 2 * 2
+    assert all(validated.validated_on_slow_weights)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer) is OPTIMIZERS[name]
+    # The fit ended on the synced slow weights (16 steps, k = 5: one sync after step 15).
+    assert all(torch.equal(p, optimizer.state[p]["slow_param"]) for p in validated.parameters())
+
+    torch.manual_seed(0)
+    plain = RangerModel(k=5, optimizer=name)
+    plain_trainer = _trainer(limit_val_batches=0, lookahead=False)
+    plain_trainer.fit(plain)
+    plain_trainer.optimizers[0].sync_lookahead()  # what the callback did, by hand
+    _assert_bitwise(_params(validated), _params(plain))
+    _assert_same_state(_optimizer_state(optimizer), _optimizer_state(plain_trainer.optimizers[0]))
+    assert validated.lrs == plain.lrs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_variant_resumes_after_a_crash_like_the_uninterrupted_run(tmp_path, name):
+    epochs = 3  # 24 steps, k = 6; the checkpoint after step 8 is between syncs (6 and 12)
+    torch.manual_seed(0)
+    uninterrupted = RangerModel(optimizer=name)
+    full_trainer = _trainer(max_epochs=epochs)
+    full_trainer.fit(uninterrupted)
+
+    torch.manual_seed(0)
+    crashed = RangerModel(optimizer=name)
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    crash_trainer = _trainer(
+        tmp_path, callbacks=[last, CrashAt(step=10)], checkpointing=True, max_epochs=epochs
+    )
+    with pytest.raises(SimulatedCrash):
+        crash_trainer.fit(crashed)
+    saved = torch.load(last.last_model_path, weights_only=True)
+    assert saved["global_step"] == 8 and FAST_STATE_KEY in saved
+
+    torch.manual_seed(1)  # a different init: everything must come from the checkpoint
+    resumed = RangerModel(optimizer=name)
+    resume_trainer = _trainer(max_epochs=epochs)
+    resume_trainer.fit(resumed, ckpt_path=last.last_model_path)
+    assert type(resume_trainer.optimizers[0]) is OPTIMIZERS[name]
+    assert resume_trainer.global_step == 24
+    _assert_bitwise(_params(resumed), _params(uninterrupted))
+    _assert_same_state(
+        _optimizer_state(resume_trainer.optimizers[0]),
+        _optimizer_state(full_trainer.optimizers[0]),
+    )
+    assert resumed.lrs == uninterrupted.lrs[8:]
+    assert all(resumed.validated_on_slow_weights)
