@@ -24,8 +24,8 @@ SHAPES = [
     (5,),
     (1, 7),  # a single row
     (),  # a scalar
-    (3, 40000),  # rows longer than one task of the kernel
-    (70001,),  # a vector cut into several tasks, with a partial last one
+    (2, 33000),  # rows longer than one task of the kernel (32K elements)
+    (33001,),  # a vector cut into two tasks, the second of one element
 ]
 
 
