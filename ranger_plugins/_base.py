@@ -24,6 +24,7 @@ from ._state import (
     PLAIN_TENSOR_TYPES,
     check_gradients,
     check_param_states,
+    check_real,
     check_state_dict_matches,
     load_state_dict_safely,
     move_state_to_param,
@@ -125,11 +126,18 @@ class LookaheadOptimizer(LookaheadControls, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_lrs()
         for group_index, group in enumerate(self.param_groups):
             lists = self._init_group(group)
             if lists.params:
                 self._update(group_index, group, lists)
         return loss
+
+    def _check_lrs(self) -> None:
+        # Schedulers and users write lr into the groups between steps: a NaN or negative lr
+        # would silently wreck every weight, so each step checks it before anything changes.
+        for index, group in enumerate(self.param_groups):
+            check_real("lr", group["lr"], low=0.0, where=f"group {index}: ", tensor_ok=True)
 
     def _init_group(self, group: dict[str, Any]) -> GroupLists:
         """The group's params that have a gradient and their state (created at a param's

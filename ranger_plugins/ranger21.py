@@ -327,6 +327,7 @@ class Ranger21(LookaheadOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_lrs()
         self._check_all_gradients()
         work = [
             (group, lists)

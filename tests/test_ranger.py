@@ -21,7 +21,7 @@ from optim_helpers import (
     set_grads,
 )
 
-from ranger_plugins import Ranger, centralize_gradient
+from ranger_plugins import OPTIMIZERS, Ranger, centralize_gradient
 
 # ---------------------------------------------------------------------------- construction
 
@@ -590,3 +590,23 @@ def test_use_gc_false_leaves_grads_alone():
     optimizer.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     assert math.isclose(optimizer.param_groups[0]["lr"], 1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("bad_lr", [float("nan"), -1.0, torch.tensor([1e-3, 1e-3])])
+def test_a_bad_lr_written_between_steps_raises_before_any_change(name, bad_lr):
+    """Schedulers and users set lr in the groups between steps; a NaN, negative or
+    multi-element lr is refused at the next step, with nothing changed."""
+    params = make_params()
+    own_schedule_off = {"use_warmup": False, "warmdown_active": False} if name == "ranger21" else {}
+    optimizer = OPTIMIZERS[name](params, lr=1e-2, **own_schedule_off)
+    set_grads(params, 0)
+    optimizer.step()
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(optimizer.state_dict())
+    optimizer.param_groups[0]["lr"] = bad_lr
+    set_grads(params, 1)
+    with pytest.raises(ValueError, match="Invalid lr"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert optimizer.state_dict()["state"][0]["step"] == state_before["state"][0]["step"]
