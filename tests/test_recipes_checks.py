@@ -323,8 +323,11 @@ def test_total_time_adds_up_with_the_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=iter([100.0, 130.04]).__next__))
     assert main(["--output", str(tmp_path / "plot.png")]) == 0
     out = capsys.readouterr().out
-    times = [float(t) for t in re.findall(r"\| ([\d.]+) s \|", out)]
-    assert times == [13.6, 12.3]
+    # The last two columns: time per epoch (5 epochs) and train time.
+    times = [
+        tuple(map(float, t)) for t in re.findall(r"\| ([\d.]+) s \| ([\d.]+) s \|$", out, re.M)
+    ]
+    assert times == [(2.73, 13.6), (2.47, 12.3)]
     total, training, rest = map(
         float,
         re.search(

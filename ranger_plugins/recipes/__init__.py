@@ -1,7 +1,8 @@
 """The Mish + Ranger recipe of the fastai Imagenette/Imagewoof leaderboard, runnable anywhere.
 
 ``python -m ranger_plugins.recipes`` (or the ``ranger-recipes`` console script) trains the
-recipe and a baseline on scikit-learn's digits; ``--data PATH`` or ``--dataset imagenette``
+recipe and a baseline on scikit-learn's digits (``--optimizer`` picks the recipe's member of
+the Ranger family, ``--optimizer all`` trains each); ``--data PATH`` or ``--dataset imagenette``
 trains the leaderboard recipe on real images. See ``python -m ranger_plugins.recipes --help``.
 
 Needs the ``recipes`` extra (fastai, Lightning, scikit-learn, matplotlib). The programmatic
@@ -14,7 +15,7 @@ entry points::
 from __future__ import annotations
 
 from ._checks import BOUNDS, RecipeExtraMissingError
-from ._config import BASELINE, RECIPE, RecipeConfig, RunResult, RunSpec
+from ._config import BASELINE, RECIPE, RecipeConfig, RunResult, RunSpec, recipe_spec
 from ._data import (
     IMAGE_EXTENSIONS,
     DatasetUnavailableError,
@@ -29,13 +30,15 @@ from ._data import (
     scan_image_folder,
 )
 from ._models import build_xresnet
-from ._report import format_per_seed, format_table, plot_results
+from ._optimizers import OPTIMIZER_CHOICES, build_optimizer, variant_kwargs
+from ._report import RunSummary, Spread, format_per_seed, format_table, plot_results, summarize
 from ._runner import prepare_run, resolve_data_path, train_runs
 
 __all__ = [
     "BASELINE",
     "BOUNDS",
     "IMAGE_EXTENSIONS",
+    "OPTIMIZER_CHOICES",
     "RECIPE",
     "DatasetUnavailableError",
     "DigitsSplit",
@@ -47,6 +50,9 @@ __all__ = [
     "RecipeInputError",
     "RunResult",
     "RunSpec",
+    "RunSummary",
+    "Spread",
+    "build_optimizer",
     "build_xresnet",
     "check_image_folder",
     "digits_split",
@@ -55,10 +61,13 @@ __all__ = [
     "format_table",
     "plot_results",
     "prepare_run",
+    "recipe_spec",
     "resolve_data_path",
     "run_recipe",
     "scan_image_folder",
+    "summarize",
     "train_runs",
+    "variant_kwargs",
 ]
 
 

@@ -4,6 +4,9 @@ With no options: trains the recipe (XResNet + Mish, Ranger, flat-then-cosine, la
 smoothing) and the baseline (the same XResNet with ReLU, AdamW, one-cycle) on scikit-learn's
 digits, prints a table and writes a PNG of the loss curves, accuracies and LR schedules.
 ``--seeds N`` trains each run with N seeds and reports the mean and standard deviation.
+``--optimizer NAME`` trains the recipe with another member of the Ranger family
+(``ranger_qh``, ``ranger_va``, ``ranger21``, ``ranger_lars``); ``--optimizer all`` trains it
+with each of them, beside the baseline.
 
 With ``--data PATH`` (ImageNet-style folder) or ``--dataset imagenette|imagewoof``: trains
 the leaderboard recipe (XResNet50 + Mish, 128 px, bs 64, lr 4e-3, 5 epochs).
@@ -25,6 +28,7 @@ from ._checks import BOUNDS, describe_bounds, number_in_bounds
 from ._config import DIGITS_DEFAULTS, FOLDER_DEFAULTS, RecipeConfig, RunResult
 from ._data import RecipeError
 from ._models import ARCHS
+from ._optimizers import ALL, OPTIMIZER_CHOICES
 from ._report import format_per_seed, format_table, group_runs, plot_results
 from ._runner import DATASETS, ENGINES, prepare_run, train_runs
 
@@ -122,19 +126,27 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZER_CHOICES,
+        default="ranger",
+        help="the recipe's optimizer, a member of the Ranger family (default: ranger); "
+        "'all' trains the recipe with each of them, and the baseline",
+    )
+    parser.add_argument(
         "--sa", action="store_true", help="add fastai's simple self-attention to the XResNet"
     )
     parser.add_argument(
         "--gc",
         action="store_true",
-        help="Gradient Centralization in Ranger (off by default, as in the leaderboard runs)",
+        help="Gradient Centralization in the recipe's optimizer (off by default in Ranger, "
+        "as in the leaderboard runs; the other variants keep their own default)",
     )
     parser.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also train the ReLU + AdamW + one-cycle baseline (default: on for digits, off "
-        "for folders)",
+        help="also train the ReLU + AdamW + one-cycle baseline (default: on for digits and "
+        "with --optimizer all, off for folders)",
     )
     parser.add_argument(
         "--threads",
@@ -174,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
     defaults = FOLDER_DEFAULTS if folder else DIGITS_DEFAULTS
     # resolve(): `--data .` names the plot after the folder, not "."
     name = args.data.resolve().name if args.data is not None else args.dataset
+    baseline = defaults.baseline or args.optimizer == ALL
     return RecipeConfig(
         engine=args.engine,
         dataset=args.dataset,
@@ -187,8 +200,9 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
         arch=args.arch or defaults.arch,
         self_attention=args.sa,
         gc=args.gc,
+        optimizer=args.optimizer,
         pct_start=args.pct_start,
-        baseline=defaults.baseline if args.baseline is None else args.baseline,
+        baseline=baseline if args.baseline is None else args.baseline,
         workers=args.workers if args.workers is not None else (4 if folder else 0),
         threads=args.threads or defaults.threads,
         output=args.output or Path(f"ranger-recipe-{name}.png"),

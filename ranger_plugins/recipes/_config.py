@@ -1,10 +1,12 @@
-"""What a recipe run is: the resolved options, the two runs compared, and what each returns."""
+"""What a recipe run is: the resolved options, the runs compared, and what each returns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ranger_plugins.family import OPTIMIZERS
 
 __all__ = [
     "BASELINE",
@@ -14,6 +16,7 @@ __all__ = [
     "RecipeConfig",
     "RunResult",
     "RunSpec",
+    "recipe_spec",
 ]
 
 # The leaderboard hyperparameters (fastai Imagenette/Imagewoof records, 2019): Ranger with
@@ -37,11 +40,20 @@ class RunSpec:
 
     name: str
     activation: str  # "mish" | "relu"
-    optimizer: str  # "ranger" | "adamw"
+    optimizer: str  # a name of ranger_plugins.family.OPTIMIZERS, or "adamw"
     schedule: str  # "flat_cos" | "one_cycle"
 
 
-RECIPE = RunSpec("recipe", activation="mish", optimizer="ranger", schedule="flat_cos")
+def recipe_spec(optimizer: str = "ranger") -> RunSpec:
+    """The recipe (Mish, flat-then-cosine, label smoothing) with a Ranger-family optimizer.
+
+    With Ranger the run is called ``recipe``; with another variant, by the variant's name
+    (``ranger_qh``), so that ``--optimizer all`` gives each run its own row."""
+    name = "recipe" if optimizer == "ranger" else optimizer
+    return RunSpec(name, activation="mish", optimizer=optimizer, schedule="flat_cos")
+
+
+RECIPE = recipe_spec("ranger")
 BASELINE = RunSpec("baseline", activation="relu", optimizer="adamw", schedule="one_cycle")
 
 
@@ -88,6 +100,9 @@ class RecipeConfig:
     arch: str = DIGITS_DEFAULTS.arch
     self_attention: bool = False
     gc: bool = False
+    #: The recipe's optimizer: a name of ``ranger_plugins.family.OPTIMIZERS``, or ``"all"``
+    #: to train the recipe once with each of them.
+    optimizer: str = "ranger"
     pct_start: float = 0.72
     baseline: bool = True
     workers: int = 0
@@ -101,8 +116,11 @@ class RecipeConfig:
 
     @property
     def runs(self) -> list[RunSpec]:
-        """The runs to train, recipe first."""
-        return [RECIPE, BASELINE] if self.baseline else [RECIPE]
+        """The runs to train: the recipe with each optimizer asked for (in the family's
+        order for ``"all"``), then the baseline."""
+        names = list(OPTIMIZERS) if self.optimizer == "all" else [self.optimizer]
+        recipes = [recipe_spec(name) for name in names]
+        return [*recipes, BASELINE] if self.baseline else recipes
 
     @property
     def seed_list(self) -> list[int]:

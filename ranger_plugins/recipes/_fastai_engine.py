@@ -1,13 +1,19 @@
-"""Train one run with fastai: ``Learner`` + ``fit_flat_cos`` (recipe) or ``fit_one_cycle``."""
+"""Train one run with fastai: ``Learner`` + ``fit_flat_cos`` (recipe) or ``fit_one_cycle``.
+
+The recipe's optimizer, any member of the Ranger family, comes from the fastai adapter's
+opt_func of that name (`ranger_plugins.fastai.opt_func_for`), with the hyperparameters of
+`_optimizers.variant_kwargs` under fastai's names.
+"""
 
 from __future__ import annotations
 
 import time
 from functools import partial
+from typing import Any
 
 import torch
 
-from ._config import LABEL_SMOOTHING, RANGER_HYPERS, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
+from ._config import LABEL_SMOOTHING, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
 from ._data import (
     IMAGE_EXTENSIONS,
     EngineUnavailableError,
@@ -16,20 +22,34 @@ from ._data import (
     digits_split,
 )
 from ._models import build_xresnet, model_name
+from ._optimizers import variant_kwargs
 
-__all__ = ["train_fastai"]
+__all__ = ["fastai_kwargs", "train_fastai"]
+
+# The core's keyword -> the fastai adapter's name for it (betas are split in two).
+_FASTAI_NAMES = {"weight_decay": "wd", "use_gc": "gc", "decouple_weight_decay": "decouple_wd"}
 
 
-def _recipe_optimizer(config: RecipeConfig):
-    """The fastai adapter's Ranger opt_func and Lookahead evaluation callback."""
+def fastai_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for a family class, under the names its fastai opt_func takes."""
+    renamed = {_FASTAI_NAMES.get(key, key): value for key, value in kwargs.items()}
+    if "betas" in renamed:
+        renamed["mom"], renamed["sqr_mom"] = renamed.pop("betas")
+    return renamed
+
+
+def _recipe_optimizer(config: RecipeConfig, optimizer: str):
+    """The fastai adapter's opt_func for ``optimizer`` with the recipe's hyperparameters,
+    and its Lookahead evaluation callback (validation on the slow weights)."""
     try:
-        from ranger_plugins.fastai import LookaheadCallback, ranger
+        from ranger_plugins.fastai import LookaheadCallback, opt_func_for
     except ImportError as error:
         raise EngineUnavailableError(
-            f"the fastai engine needs ranger_plugins.fastai (ranger, LookaheadCallback), "
+            f"the fastai engine needs ranger_plugins.fastai (opt_func_for, LookaheadCallback), "
             f"which could not be imported: {error}. Try --engine lightning."
         ) from error
-    return partial(ranger, **RANGER_HYPERS, gc=config.gc), [LookaheadCallback()]
+    kwargs = fastai_kwargs(variant_kwargs(optimizer, config))
+    return partial(opt_func_for(optimizer), **kwargs), [LookaheadCallback()]
 
 
 def _dataloaders(config: RecipeConfig, path):
@@ -116,8 +136,8 @@ def train_fastai(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult:
         activation=spec.activation,
         self_attention=config.self_attention,
     )
-    if spec.optimizer == "ranger":
-        opt_func, callbacks = _recipe_optimizer(config)
+    if spec.optimizer != "adamw":
+        opt_func, callbacks = _recipe_optimizer(config, spec.optimizer)
     else:
         # fastai's Adam applies true (decoupled) weight decay: AdamW.
         opt_func, callbacks = partial(Adam, wd=WEIGHT_DECAY), []

@@ -1,4 +1,5 @@
-"""Train one run with Lightning: ``ranger_optimizers`` (recipe) or AdamW + ``OneCycleLR``."""
+"""Train one run with Lightning: ``ranger_optimizers`` (the recipe, with any member of the
+Ranger family) or AdamW + ``OneCycleLR``."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._config import LABEL_SMOOTHING, RANGER_HYPERS, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
+from ._config import LABEL_SMOOTHING, WEIGHT_DECAY, RecipeConfig, RunResult, RunSpec
 from ._data import EngineUnavailableError, class_names, digits_split
 from ._models import build_xresnet, model_name
+from ._optimizers import variant_kwargs
 
 __all__ = ["train_lightning"]
 
@@ -89,21 +91,17 @@ def _loaders(config: RecipeConfig, path) -> tuple[Any, Any, int, int]:
 
 
 def _optimizers(module, config: RecipeConfig, spec: RunSpec) -> dict[str, Any]:
-    """What the run's ``configure_optimizers`` returns: Ranger + flat-cos, or the baseline."""
+    """What the run's ``configure_optimizers`` returns: the recipe's member of the Ranger
+    family with flat-then-cosine (``ranger_optimizers``), or the baseline."""
     _, _, _, no_decay_param_groups, ranger_optimizers = _adapter()
-    if spec.optimizer == "ranger":
-        hypers = RANGER_HYPERS
+    if spec.optimizer != "adamw":
         return ranger_optimizers(
             module,
             lr=config.lr,
+            optimizer=spec.optimizer,
             schedule="flat_cos",
             pct_start=config.pct_start,
-            betas=(hypers["mom"], hypers["sqr_mom"]),
-            eps=hypers["eps"],
-            weight_decay=hypers["wd"],
-            k=hypers["k"],
-            alpha=hypers["alpha"],
-            use_gc=config.gc,
+            **variant_kwargs(spec.optimizer, config),
         )
     # The baseline: AdamW with fastai's one-cycle (lr from lr/25 up to lr over the first 25%,
     # then cosine down to lr/1e5; beta1 cycled 0.95 -> 0.85 -> 0.95).
@@ -219,7 +217,7 @@ def train_lightning(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult
     )
     module, history = _module_and_history(config, spec, model)
     callbacks = [history]
-    if spec.optimizer == "ranger":
+    if spec.optimizer != "adamw":
         callbacks.append(LookaheadCallback())  # validate on the Lookahead slow weights
     trainer = pl.Trainer(
         max_epochs=config.epochs,

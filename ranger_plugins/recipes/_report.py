@@ -3,15 +3,70 @@
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from ._config import RunResult
+from ._config import RunResult, RunSpec
+from ._optimizers import OPTIMIZER_NAMES
 
-__all__ = ["format_per_seed", "format_table", "group_runs", "plot_results"]
+__all__ = [
+    "RunSummary",
+    "Spread",
+    "format_per_seed",
+    "format_table",
+    "group_runs",
+    "plot_results",
+    "spread",
+    "summarize",
+]
 
-_OPTIMIZER_NAMES = {"ranger": "Ranger", "adamw": "AdamW"}
 _SCHEDULE_NAMES = {"flat_cos": "flat + cosine", "one_cycle": "one-cycle"}
-_COLORS = ["tab:red", "tab:blue", "tab:green", "tab:orange"]
+# One colour per run (matplotlib's tab10 colours; red and blue first, as before): enough for
+# the six runs of `--optimizer all`.
+_COLORS = [
+    "tab:red",
+    "tab:blue",
+    "tab:green",
+    "tab:orange",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The mean of some values and their standard deviation (n - 1; None for one value)."""
+
+    mean: float
+    std: float | None
+
+    def format(self, fmt: str) -> str:
+        """``mean`` for one value, ``mean ± std`` for several, each formatted with ``fmt``."""
+        mean = fmt.format(self.mean)
+        return mean if self.std is None else f"{mean} ± {fmt.format(self.std)}"
+
+
+def spread(values: list[float]) -> Spread:
+    """Mean and sample standard deviation (n - 1) of ``values`` (at least one)."""
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return Spread(statistics.fmean(values), std)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run over its seeds: what the table prints for it."""
+
+    spec: RunSpec
+    model_name: str
+    seeds: list[int]
+    accuracy: Spread  # validation accuracy, in percent
+    valid_loss: Spread
+    epoch_seconds: Spread  # the fit's time divided by its epochs, seed by seed
+    train_seconds: float  # the fits' times summed over the seeds
 
 
 def group_runs(results: list[RunResult]) -> dict[str, list[RunResult]]:
@@ -22,39 +77,46 @@ def group_runs(results: list[RunResult]) -> dict[str, list[RunResult]]:
     return groups
 
 
-def _seeds(runs: list[RunResult]) -> str:
-    seeds = [r.seed for r in runs]
+def summarize(results: list[RunResult], epochs: int) -> list[RunSummary]:
+    """Each run's metrics over its seeds, in the order the runs first came."""
+    return [
+        RunSummary(
+            spec=runs[0].spec,
+            model_name=runs[0].model_name,
+            seeds=[r.seed for r in runs],
+            accuracy=spread([100 * r.accuracy for r in runs]),
+            valid_loss=spread([r.valid_loss for r in runs]),
+            epoch_seconds=spread([r.seconds / epochs for r in runs]),
+            train_seconds=sum(r.seconds for r in runs),
+        )
+        for runs in group_runs(results).values()
+    ]
+
+
+def _seeds(seeds: list[int]) -> str:
     contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
     if len(seeds) > 1 and contiguous:
         return f"{seeds[0]}-{seeds[-1]}"
     return ", ".join(map(str, seeds))
 
 
-def _spread(values: list[float], fmt: str) -> str:
-    """``mean`` for one value; ``mean ± standard deviation`` (n - 1) for several."""
-    mean = fmt.format(statistics.fmean(values))
-    return mean if len(values) == 1 else f"{mean} ± {fmt.format(statistics.stdev(values))}"
-
-
 def format_table(results: list[RunResult], epochs: int) -> str:
     """A plain-text (and Markdown) table: one row per run, its metrics over every seed (mean
-    ± standard deviation when there are several) and its training time summed over seeds."""
+    ± standard deviation when there are several), its time per epoch (the fit's time over
+    its epochs, training and validation; mean ± std over the seeds) and its training time
+    summed over seeds."""
     header = (
         "| run | model | optimizer | schedule | epochs | seeds | valid accuracy | valid loss "
-        "| train time |"
+        "| time per epoch | train time |"
     )
-    rule = "|---|---|---|---|---:|---:|---:|---:|---:|"
-    rows = []
-    for runs in group_runs(results).values():
-        spec = runs[0].spec
-        accuracy = _spread([100 * r.accuracy for r in runs], "{:.2f}")
-        loss = _spread([r.valid_loss for r in runs], "{:.4f}")
-        seconds = sum(r.seconds for r in runs)
-        rows.append(
-            f"| {spec.name} | {runs[0].model_name} | {_OPTIMIZER_NAMES[spec.optimizer]} "
-            f"| {_SCHEDULE_NAMES[spec.schedule]} | {epochs} | {_seeds(runs)} | {accuracy}% "
-            f"| {loss} | {seconds:.1f} s |"
-        )
+    rule = "|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+    rows = [
+        f"| {s.spec.name} | {s.model_name} | {OPTIMIZER_NAMES[s.spec.optimizer]} "
+        f"| {_SCHEDULE_NAMES[s.spec.schedule]} | {epochs} | {_seeds(s.seeds)} "
+        f"| {s.accuracy.format('{:.2f}')}% | {s.valid_loss.format('{:.4f}')} "
+        f"| {s.epoch_seconds.format('{:.2f}')} s | {s.train_seconds:.1f} s |"
+        for s in summarize(results, epochs)
+    ]
     return "\n".join([header, rule, *rows])
 
 
@@ -77,7 +139,7 @@ def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def _label(run: RunResult) -> str:
-    return f"{run.spec.name}: {run.model_name}, {_OPTIMIZER_NAMES[run.spec.optimizer]}"
+    return f"{run.spec.name}: {run.model_name}, {OPTIMIZER_NAMES[run.spec.optimizer]}"
 
 
 def _plot_losses(ax, runs: list[RunResult], color: str) -> None:
@@ -119,7 +181,8 @@ def _plot_accuracies(ax, groups: dict[str, list[RunResult]]) -> None:
         )
         ax.scatter([x + o for o in offsets], accuracies, color=color, alpha=0.7, zorder=3)
         ax.hlines(statistics.fmean(accuracies), x - 0.25, x + 0.25, color=color, linewidth=2)
-    ax.set_xticks(range(len(groups)), list(groups))
+    # Several variants' names side by side need tilting to fit under their dots.
+    ax.set_xticks(range(len(groups)), list(groups), rotation=30 if len(groups) > 3 else 0)
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set(title="Validation accuracy (dots: seeds, bar: mean)", ylabel="accuracy (%)")
 

@@ -10,6 +10,7 @@ import torch
 from ._checks import check_extras, check_numbers, check_output
 from ._config import RecipeConfig, RunResult
 from ._data import RecipeInputError, fetch_dataset, scan_image_folder
+from ._optimizers import check_optimizer
 
 __all__ = ["prepare_run", "resolve_data_path", "train_runs"]
 
@@ -41,8 +42,8 @@ def resolve_data_path(config: RecipeConfig) -> Path | None:
 
 
 def prepare_run(config: RecipeConfig) -> tuple[RecipeConfig, Path | None]:
-    """Check everything a run needs before it trains, cheapest first: the options, the
-    installed packages, the output file (``.png`` added if it has no suffix), then the data.
+    """Check everything a run needs before it trains, cheapest first: the options (each
+    optimizer built once on a dummy parameter), the installed packages, the output file (``.png`` added if it has no suffix), then the data.
 
     Returns the config with the checked output path and the image folder (None for digits).
     Raises a `RecipeError` with a one-line message for the first problem found.
@@ -52,6 +53,7 @@ def prepare_run(config: RecipeConfig) -> tuple[RecipeConfig, Path | None]:
     if config.data is None and config.dataset not in DATASETS:
         raise RecipeInputError(f"dataset must be one of {DATASETS}, got {config.dataset!r}")
     check_numbers(config)
+    check_optimizer(config)
     check_extras(config)
     config = dataclasses.replace(config, output=check_output(config.output))
     return config, resolve_data_path(config)
@@ -60,8 +62,9 @@ def prepare_run(config: RecipeConfig) -> tuple[RecipeConfig, Path | None]:
 def train_runs(
     config: RecipeConfig, path: Path | None, results: list[RunResult] | None = None
 ) -> list[RunResult]:
-    """Train every run of ``config`` (recipe, then baseline) with each seed, on ``path``
-    (None: digits), and return the results in that order (seed by seed).
+    """Train every run of ``config`` (the recipe with each optimizer, then the baseline)
+    with each seed, on ``path`` (None: digits), and return the results in that order (seed
+    by seed).
 
     Each result is appended to ``results`` (if given) as soon as its run ends, so a caller
     keeps the finished runs when a later one fails or is interrupted.
