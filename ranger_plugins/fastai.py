@@ -138,9 +138,8 @@ def ranger(
             ``fit_one_cycle``).
         sqr_mom: beta2, the squared-gradient moving-average coefficient.
         eps: added to ``sqrt(v)`` in the denominator. fastai's Ranger adds it to
-            ``sqrt(v / (1 - sqr_mom**t))`` instead, so the two match exactly only as
-            eps -> 0. With the default 1e-6 the difference is small: on the test model,
-            24 steps, per-batch losses agree to ~5e-7 relative and weights to ~2e-4.
+            ``sqrt(v / (1 - sqr_mom**t))`` instead (eps scaled by ``sqrt(1 - sqr_mom**t)``),
+            so the two match exactly only as eps -> 0 (README, Caveats).
         wd: true (decoupled) weight decay: ``p *= 1 - lr * wd`` before the update. Norm
             layers and biases get none when the Learner has ``wd_bn_bias=False`` (its
             default), as with fastai's own optimizers.
