@@ -80,3 +80,72 @@ def test_benchmark_quick_run_times_every_row_and_writes_chart_and_report(tmp_pat
     assert "](../bench.png)" in text  # the chart, relative to the report
     for name in expected_rows + [label for label, _, _ in run.epochs]:
         assert f"| {name} |" in text or f"| **{name}** |" in text, name
+
+    # The family rows, each variant beside its peer, into the family part of the same report.
+    threads = torch.get_num_threads()
+    try:
+        family = bench.main(
+            ["--quick", "--family", "--rounds", "1", "--threads", "1", "--device", "cpu"]
+            + ["--workloads", "bert,small800", "--report", str(report)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    check_family_run(bench, family, out, report, ranger_part=text)
+
+
+def check_family_run(bench, run, out, report, ranger_part):
+    expected = [
+        "ours RangerQH",
+        "torch_optimizer.RangerQH",
+        "ours RangerVA",
+        "torch_optimizer.RangerVA",
+        "ours Ranger21",
+        "pytorch_optimizer.Ranger21",
+        "ours RangerLars",
+    ]
+    assert [row.name for row in bench.build_family_rows()] == expected
+    assert [w.name for w in run.workloads] == ["bert", "small800"]
+    for workload in run.workloads:
+        assert [row.name for row in workload.rows] == expected  # every family row timed
+        assert not workload.skipped
+        for row in workload.rows:
+            assert row.ms > 0
+            assert (row.x_floor > 0) == (row.variant in ("RangerQH", "RangerVA")), row.name
+        # Each variant with a peer is compared with it (peer time / ours); RangerLars has none.
+        assert [(v, o, p) for v, o, p, _ in workload.pairs] == [
+            ("RangerQH", "ours RangerQH", "torch_optimizer.RangerQH"),
+            ("RangerVA", "ours RangerVA", "torch_optimizer.RangerVA"),
+            ("Ranger21", "ours Ranger21", "pytorch_optimizer.Ranger21"),
+        ]
+        assert all(speedup > 0 for *_, speedup in workload.pairs)
+        # State bytes per param: m, v, slow (QH, Lars); + max v (VA); + the second momentum
+        # buffer (Ranger21); the peers' alike.
+        per_param = {name: b / workload.numel for name, b in workload.state_bytes.items()}
+        assert per_param == dict(zip(expected, [12.0, 12.0, 16.0, 16.0, 20.0, 20.0, 12.0]))
+        assert not workload.memory and not workload.gc_speedups
+    for variant, ours, peer, _ in run.workloads[0].pairs:
+        assert f"{variant}: {ours} is " in out and f"x as fast as {peer}" in out
+
+    text = report.read_text()
+    # The Ranger part and the text around it are kept; the family part follows, titled.
+    assert text.startswith(ranger_part.rstrip() + "\n\n" + bench.FAMILY_TITLE + "\n\n")
+    assert text.endswith(bench.FAMILY_END + "\n")
+    family_part = text[text.index(bench.FAMILY_BEGIN) :]
+    assert "`python benchmarks/bench.py --quick --family --rounds 1" in family_part
+    for label in [
+        "| RangerQH: **ours** vs torch_optimizer.RangerQH | **",
+        "| RangerVA: **ours** vs torch_optimizer.RangerVA | **",
+        "| Ranger21: **ours** vs pytorch_optimizer.Ranger21 | **",
+        "| RangerLars: **ours** (no installed peer) | **",
+        "| **ours RangerQH** | 28 | ",
+        "| torch_optimizer.RangerVA | 36 | ",
+        "| Ranger21 | lr 0.001, betas (0.9, 0.999), eps 1e-08, weight_decay 0.0001, k 5",
+    ]:
+        assert label in family_part, label
+    assert "| **ours Ranger21** |" not in family_part  # no one-pass floor: not in that table
+    assert "no installed peer" in family_part
+
+    # A second family run rewrites the family part in place, the rest kept.
+    bench.write_family_report(run, report)
+    assert report.read_text() == text
