@@ -212,6 +212,44 @@ class _Scratch:
         return [torch.sqrt(exp_avg_sq, out=self._buffer[:numel].view(exp_avg_sq.shape))]
 
 
+def foreach_waves(
+    lists: list[list[torch.Tensor]], wave_numel: int | None = None
+) -> list[list[list[torch.Tensor]]]:
+    """``lists`` (same-shaped tensors position by position: params, grads, moments) cut into
+    waves of about ``wave_numel`` elements, so that a variant's foreach step runs all its
+    operations on one wave while it is in cache instead of streaming the whole model through
+    memory once per operation. A contiguous tensor larger than a wave is cut into flat
+    chunks. For elementwise steps only: every element goes through the same operations, so
+    the results are unchanged, bit for bit."""
+    wave_numel = wave_numel or _WAVE_NUMEL
+    waves: list[list[list[torch.Tensor]]] = []
+    current: list[list[torch.Tensor]] = [[] for _ in lists]
+    current_numel = 0
+    for tensors in zip(*lists):
+        for pieces in _wave_pieces(tensors, wave_numel):
+            numel = pieces[0].numel()
+            if current_numel and current_numel + numel > wave_numel:
+                waves.append(current)
+                current, current_numel = [[] for _ in lists], 0
+            for target, piece in zip(current, pieces):
+                target.append(piece)
+            current_numel += numel
+    if current_numel or current[0]:
+        waves.append(current)
+    return waves
+
+
+def _wave_pieces(tensors: tuple[torch.Tensor, ...], wave_numel: int) -> list[tuple]:
+    numel = tensors[0].numel()
+    if numel <= wave_numel or not _chunkable(*tensors):
+        return [tensors]
+    flats = [tensor.view(-1) for tensor in tensors]
+    return [
+        tuple(flat[start : start + wave_numel] for flat in flats)
+        for start in range(0, numel, wave_numel)
+    ]
+
+
 def _one_device_and_dtype(params: list[torch.Tensor]) -> bool:
     first = params[0]
     device, dtype = first.device, first.dtype

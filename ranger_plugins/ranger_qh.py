@@ -16,6 +16,7 @@ import torch
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
+from ._multi_tensor import foreach_waves
 from ._state import (
     as_float,
     check_flags,
@@ -298,6 +299,7 @@ def _multi_tensor_ranger_qh(
 ) -> None:
     """`_single_tensor_ranger_qh` with `torch._foreach_*` ops: the same operations in the
     same order on every element, one bucket of params at a time."""
+    state = (exp_avgs, exp_avg_sqs, slow_params)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for index, param in enumerate(params):
         kind = (param.device, param.dtype, steps[index], beta1_weights[index], beta2_weights[index])
@@ -313,25 +315,33 @@ def _multi_tensor_ranger_qh(
             if bucket_params[0].dtype == work_dtype
             else [p.to(work_dtype) for p in bucket_params]
         )
-        if weight_decay != 0 and decouple_weight_decay:
-            torch._foreach_mul_(fast, 1.0 - lr * weight_decay)
-        elif weight_decay != 0:
-            bucket_grads = list(torch._foreach_add(bucket_grads, fast, alpha=weight_decay))
-        _qh_update(
-            fast,
-            bucket_grads,
-            [exp_avgs[i] for i in indices],
-            [exp_avg_sqs[i] for i in indices],
-            (1.0 - 1.0 / weight1, 1.0 - 1.0 / weight2),
-            lr=lr,
-            nu1=nu1,
-            nu2=nu2,
-            eps=eps,
-        )
-        slow = [slow_params[i] for i in indices]
-        lookahead_sync_(
-            fast, slow, [step] * len(indices), lookahead_k, lookahead_alpha, foreach=True
-        )
+        bucket = [fast, bucket_grads, *([values[i] for i in indices] for values in state)]
+        for wave_fast, wave_grads, wave_exp_avgs, wave_exp_avg_sqs, wave_slow in foreach_waves(
+            bucket
+        ):
+            if weight_decay != 0 and decouple_weight_decay:
+                torch._foreach_mul_(wave_fast, 1.0 - lr * weight_decay)
+            elif weight_decay != 0:
+                wave_grads = list(torch._foreach_add(wave_grads, wave_fast, alpha=weight_decay))
+            _qh_update(
+                wave_fast,
+                wave_grads,
+                wave_exp_avgs,
+                wave_exp_avg_sqs,
+                (1.0 - 1.0 / weight1, 1.0 - 1.0 / weight2),
+                lr=lr,
+                nu1=nu1,
+                nu2=nu2,
+                eps=eps,
+            )
+            lookahead_sync_(
+                wave_fast,
+                wave_slow,
+                [step] * len(wave_fast),
+                lookahead_k,
+                lookahead_alpha,
+                foreach=True,
+            )
         if fast is not bucket_params:
             copy_into(bucket_params, fast)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
+from ._multi_tensor import foreach_waves
 from ._state import as_float, check_flags, check_lookahead_args, check_pair, check_real
 from .lookahead import copy_into, lookahead_sync_
 
@@ -334,33 +335,75 @@ def _multi_tensor_ranger_va(
             if bucket_params[0].dtype == work_dtype
             else [p.to(work_dtype) for p in bucket_params]
         )
-        exp_avg = [exp_avgs[i] for i in indices]
-        second_moment = _va_moments(
-            bucket_grads,
-            exp_avg,
-            [exp_avg_sqs[i] for i in indices],
-            [max_exp_avg_sqs[i] for i in indices] if amsgrad else None,
-            beta1,
-            beta2,
-            grad_transformer,
-        )
-        if grad_transformer == "square":
-            second_moment = list(torch._foreach_sqrt(second_moment))
-        if transformer == "softplus":
-            denominators = [F.softplus(d, beta=smooth) for d in second_moment]
-        else:
-            denominators = list(torch._foreach_add(second_moment, eps))
-        if weight_decay != 0:
-            torch._foreach_mul_(fast, 1.0 - lr * weight_decay)
-        step_size = _step_size(lr, beta1, beta2, step)
-        torch._foreach_addcdiv_(fast, exp_avg, denominators, value=-step_size)
-
-        slow = [slow_params[i] for i in indices]
-        lookahead_sync_(
-            fast, slow, [step] * len(indices), lookahead_k, lookahead_alpha, foreach=True
-        )
+        state = (exp_avgs, exp_avg_sqs, max_exp_avg_sqs, slow_params)
+        bucket = [fast, bucket_grads, *([values[i] for i in indices] for values in state)]
+        for wave_fast, wave_grads, wave_m, wave_v, wave_max_v, wave_slow in foreach_waves(bucket):
+            _va_wave_step(
+                wave_fast,
+                wave_grads,
+                wave_m,
+                wave_v,
+                wave_max_v,
+                wave_slow,
+                step,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                lookahead_k=lookahead_k,
+                lookahead_alpha=lookahead_alpha,
+                amsgrad=amsgrad,
+                transformer=transformer,
+                smooth=smooth,
+                grad_transformer=grad_transformer,
+            )
         if fast is not bucket_params:
             copy_into(bucket_params, fast)
+
+
+def _va_wave_step(
+    fast: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    slow: list[torch.Tensor],
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    lookahead_k: int,
+    lookahead_alpha: float,
+    amsgrad: bool,
+    transformer: str,
+    smooth: float,
+    grad_transformer: str,
+) -> None:
+    """All of one wave's step (see `foreach_waves`), in `_single_tensor_ranger_va`'s order."""
+    second_moment = _va_moments(
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs if amsgrad else None,
+        beta1,
+        beta2,
+        grad_transformer,
+    )
+    if grad_transformer == "square":
+        second_moment = list(torch._foreach_sqrt(second_moment))
+    if transformer == "softplus":
+        denominators = [F.softplus(d, beta=smooth) for d in second_moment]
+    else:
+        denominators = list(torch._foreach_add(second_moment, eps))
+    if weight_decay != 0:
+        torch._foreach_mul_(fast, 1.0 - lr * weight_decay)
+    step_size = _step_size(lr, beta1, beta2, step)
+    torch._foreach_addcdiv_(fast, exp_avgs, denominators, value=-step_size)
+    lookahead_sync_(fast, slow, [step] * len(fast), lookahead_k, lookahead_alpha, foreach=True)
 
 
 def _va_moments(

@@ -213,3 +213,32 @@ def _checkpoint_round_trip(state_dict):
     torch.save(state_dict, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("name", ["ranger_qh", "ranger_va"])
+def test_variant_foreach_steps_in_waves_equal_their_single_tensor_steps(name, monkeypatch):
+    """With tiny waves (the module's fixture) the variants' foreach steps cut tensors into
+    chunks and run wave by wave: still bitwise equal to their single-tensor steps."""
+    from ranger_plugins import OPTIMIZERS
+
+    monkeypatch.setattr(_multi_tensor, "_WAVE_NUMEL", 16)
+    params = _make_params(torch.float64)
+    waves = _multi_tensor.foreach_waves([params])
+    assert sum(len(wave[0]) for wave in waves) > len(params)  # large tensors were cut
+    assert len(waves) > 1
+    runs = []
+    for foreach in (True, False):
+        params = _make_params(torch.float64)
+        optimizer = OPTIMIZERS[name](params, lr=0.05, weight_decay=0.01, foreach=foreach)
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(13):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            optimizer.step()
+        runs.append((params, optimizer))
+    (fast, fast_opt), (ref, ref_opt) = runs
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+        for key, value in fast_opt.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, ref_opt.state[b][key]), key
