@@ -397,7 +397,7 @@ class _Wave:
     def gathered_in_place(self) -> bool:
         """Whether every moment still lives where `gather` put it."""
         _, exp_avgs, exp_avg_sqs, _ = self.state
-        return [t.data_ptr() for t in exp_avgs + exp_avg_sqs] == self._gathered_pointers
+        return list(map(torch.Tensor.data_ptr, exp_avgs + exp_avg_sqs)) == self._gathered_pointers
 
     def grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """This wave's gradient pieces, cut from the step's gradients."""

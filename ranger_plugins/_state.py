@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -23,6 +24,8 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 # dtype (AdamW's moments) is saved in that dtype and is left as torch loads it. "step" is
 # left alone too: torch decides its device (CPU unless capturable/fused).
 _STATE_DTYPES = dict.fromkeys(LOW_PRECISION, torch.float32)
+
+_DTYPE = operator.attrgetter("dtype")
 
 #: Tensors whose storage the fast paths may view and point kernels at: not DTensors or other
 #: subclasses (`nn.Parameter` of a DTensor has the DTensor's type).
@@ -155,10 +158,20 @@ def params_whose_state_moved(
     """(param, state) where the state tensors no longer have the dtype and device the param
     needs (after ``model.to(dtype)`` or a move to another device between steps). The slow
     weights, which every optimizer of the family keeps, stand for all of them."""
+    slows = [state["slow_param"] for state in states]
+    # The usual case in C-level passes: one dtype and one device on each side, matching.
+    param_dtypes = set(map(_DTYPE, params))
+    if (
+        len(param_dtypes) == 1
+        and set(map(_DTYPE, slows)) == {state_dtype(params[0])}
+        and len(devices := set(map(torch.Tensor.get_device, params))) == 1
+        and set(map(torch.Tensor.get_device, slows)) == devices
+    ):
+        return []
     return [
         (param, state)
-        for param, state in zip(params, states)
-        if (slow := state["slow_param"]).dtype != _STATE_DTYPES.get(param.dtype, param.dtype)
+        for param, state, slow in zip(params, states, slows)
+        if slow.dtype != _STATE_DTYPES.get(param.dtype, param.dtype)
         or slow.get_device() != param.get_device()
     ]
 
