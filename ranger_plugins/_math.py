@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._state import as_float
+from ._state import step_arguments
 
 
 def _gc_applies(grad: torch.Tensor, gc_conv_only: bool) -> bool:
@@ -74,18 +74,19 @@ def rectification(
 
 
 def step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    """A param group's hyperparameters as the step functions take them (one place to add a new
-    one). torch allows a tensor lr (schedulers fill it in place); step sizes need a float."""
-    beta1, beta2 = group["betas"]
-    return dict(
-        lr=as_float(group["lr"]),
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        lookahead_k=group["lookahead_k"],
-        lookahead_alpha=group["lookahead_alpha"],
-        use_gc=group["use_gc"],
-        gc_conv_only=group["gc_conv_only"],
-        rectify_threshold=group["rectify_threshold"],
-    )
+    """A Ranger param group's hyperparameters as the step functions take them."""
+    return step_arguments(group, RANGER_STEP_KEYS)
+
+
+#: The group keys Ranger's step functions take (one place to add a new one).
+RANGER_STEP_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "lookahead_k",
+    "lookahead_alpha",
+    "use_gc",
+    "gc_conv_only",
+    "rectify_threshold",
+)

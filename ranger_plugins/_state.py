@@ -83,6 +83,19 @@ def as_float(value: Any) -> float:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def step_arguments(group: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """A param group's hyperparameters ``keys`` as the step functions take them: ``lr`` as a
+    float (torch allows a tensor lr, which schedulers fill in place; step sizes are computed on
+    the host), a pair ``betas`` (or ``nus``) as ``beta1``/``beta2`` (``nu1``/``nu2``), the
+    others as stored."""
+    arguments = {key: group[key] for key in keys}
+    arguments["lr"] = as_float(group["lr"])
+    for pair, names in (("betas", ("beta1", "beta2")), ("nus", ("nu1", "nu2"))):
+        if pair in arguments:
+            arguments.update(zip(names, arguments.pop(pair)))
+    return arguments
+
+
 def check_lookahead_args(k: Any, alpha: Any, where: str = "") -> None:
     """Raise a `ValueError` naming the argument when Lookahead's k or alpha is out of range."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
-from ._state import as_float, check_gradients, check_lookahead_args, check_real
+from ._state import check_gradients, check_lookahead_args, check_real, step_arguments
 from .lookahead import copy_into, lookahead_sync_
 
 __all__ = [
@@ -511,23 +511,22 @@ def variance_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    """A param group's phase-2 hyperparameters, as `ranger21` takes them. torch allows a
-    tensor lr (schedulers fill it in place); step sizes need a float."""
-    beta1, beta2 = group["betas"]
-    return dict(
-        lr=as_float(group["lr"]),
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        pnm_momentum_factor=group["pnm_momentum_factor"],
-        norm_loss_factor=group["norm_loss_factor"],
-        use_softplus=group["use_softplus"],
-        beta_softplus=group["beta_softplus"],
-        lookahead_k=group["lookahead_k"],
-        lookahead_alpha=group["lookahead_alpha"],
-        schedule=Ranger21Schedule.from_group(group),
-    )
+    """A param group's phase-2 hyperparameters, as `ranger21` takes them."""
+    return {**step_arguments(group, _STEP_KEYS), "schedule": Ranger21Schedule.from_group(group)}
+
+
+_STEP_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "pnm_momentum_factor",
+    "norm_loss_factor",
+    "use_softplus",
+    "beta_softplus",
+    "lookahead_k",
+    "lookahead_alpha",
+)
 
 
 # ------------------------------------------------------------------------------ shared maths

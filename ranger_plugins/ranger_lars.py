@@ -24,7 +24,13 @@ import torch
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients, rectification
-from ._state import PLAIN_TENSOR_TYPES, as_float, check_flags, check_lookahead_args, check_real
+from ._state import (
+    PLAIN_TENSOR_TYPES,
+    check_flags,
+    check_lookahead_args,
+    check_real,
+    step_arguments,
+)
 from .lookahead import copy_into, lookahead_sync_
 
 __all__ = ["RangerLars", "ranger_lars"]
@@ -209,20 +215,20 @@ def _check_betas(betas: Any, where: str) -> None:
 
 
 def step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    """A param group's hyperparameters as the step functions take them (a tensor lr as a
-    float: step sizes are computed on the host)."""
-    beta1, beta2 = group["betas"]
-    return dict(
-        lr=as_float(group["lr"]),
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        lookahead_k=group["lookahead_k"],
-        lookahead_alpha=group["lookahead_alpha"],
-        use_gc=group["use_gc"],
-        gc_conv_only=group["gc_conv_only"],
-    )
+    """A param group's hyperparameters as the step functions take them."""
+    return step_arguments(group, _STEP_KEYS)
+
+
+_STEP_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "lookahead_k",
+    "lookahead_alpha",
+    "use_gc",
+    "gc_conv_only",
+)
 
 
 def _l2_norm(tensor: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,12 @@ from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
 from ._multi_tensor import foreach_waves
 from ._state import (
-    as_float,
     check_flags,
     check_lookahead_args,
     check_pair,
     check_real,
     check_scalar_states,
+    step_arguments,
 )
 from .lookahead import copy_into, lookahead_sync_
 
@@ -202,19 +202,20 @@ class RangerQH(LookaheadOptimizer):
 
 
 def _step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    nu1, nu2 = group["nus"]
-    return dict(
-        lr=as_float(group["lr"]),
-        nu1=nu1,
-        nu2=nu2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        decouple_weight_decay=group["decouple_weight_decay"],
-        lookahead_k=group["lookahead_k"],
-        lookahead_alpha=group["lookahead_alpha"],
-        use_gc=group["use_gc"],
-        gc_conv_only=group["gc_conv_only"],
-    )
+    return step_arguments(group, _STEP_KEYS)
+
+
+_STEP_KEYS = (
+    "lr",
+    "nus",
+    "eps",
+    "weight_decay",
+    "decouple_weight_decay",
+    "lookahead_k",
+    "lookahead_alpha",
+    "use_gc",
+    "gc_conv_only",
+)
 
 
 # ------------------------------------------------------------------------ implementations
