@@ -31,7 +31,7 @@ try:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI, OptimizerCallable
 
-    from ranger_plugins.lightning import no_decay_param_groups
+    from ranger_plugins import no_decay_param_groups
 except ImportError as error:  # an install without the extra: say which one
     raise SystemExit(
         f"error: this example needs Lightning ({error}): pip install '.[lightning]'"

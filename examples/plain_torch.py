@@ -17,7 +17,7 @@ from synthetic_digits import digits_split  # beside this file: 8x8 digits made w
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ranger_plugins import Ranger
+from ranger_plugins import Ranger, no_decay_param_groups
 from ranger_plugins.schedules import FlatCosineLR
 
 # EXAMPLE_QUICK=1 (the tests): one epoch.
@@ -40,12 +40,10 @@ model = nn.Sequential(
     conv_block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
 )  # fmt: skip
 
-# No weight decay on norm layers and biases (1-D parameters), as in the leaderboard recipe.
-decay = [p for p in model.parameters() if p.ndim > 1]
-no_decay = [p for p in model.parameters() if p.ndim <= 1]
+# Weight decay on weights, none on norm layers and biases, as in the leaderboard recipe.
 opt = Ranger(
-    [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-    lr=8e-3, betas=(0.95, 0.99), eps=1e-6, weight_decay=1e-2,
+    no_decay_param_groups(model, weight_decay=1e-2),
+    lr=8e-3, betas=(0.95, 0.99), eps=1e-6,
 )  # fmt: skip
 scheduler = FlatCosineLR(opt, total_steps=EPOCHS * len(train), pct_start=0.72)
 loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
