@@ -28,7 +28,7 @@ What makes it fast (a step is bandwidth-bound on large tensors, overhead-bound o
 from __future__ import annotations
 
 from collections import defaultdict
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import NamedTuple
 
 import torch
@@ -114,18 +114,38 @@ def _multi_tensor_ranger(
         _step_bucket(bucket, values, use_gc, gc_conv_only, plan_cache)
 
 
-def _buckets(params, grads, exp_avgs, exp_avg_sqs, slow_params, steps) -> list[_Bucket]:
-    """The params split by (device, dtype, step): foreach kernels need one device and dtype,
-    and the step decides the step size and whether Lookahead syncs."""
-    lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params)
-    if steps and steps.count(steps[0]) == len(steps) and _one_device_and_dtype(params):
-        return [_Bucket(steps[0], *lists)]
+def bucket_indices(
+    params: list[torch.Tensor], steps: list[int], *per_param_keys: list
+) -> list[tuple[tuple, list[int] | None]]:
+    """The positions of the params of each (device, dtype, step, *per-param keys), as
+    (key, positions), every foreach step's buckets: foreach kernels need one device and
+    dtype, and the step decides the step size and whether Lookahead syncs. Positions None:
+    the only bucket holds every param, in order (the common case, found without a loop)."""
+    if (
+        not per_param_keys
+        and steps
+        and steps.count(steps[0]) == len(steps)
+        and _one_device_and_dtype(params)
+    ):
+        return [((params[0].device, params[0].dtype, steps[0]), None)]
     by_kind: dict[tuple, list[int]] = defaultdict(list)
-    for index, (param, step) in enumerate(zip(params, steps)):
-        by_kind[(param.device, param.dtype, step)].append(index)
+    for index, kind in enumerate(
+        zip(map(_DEVICE, params), map(_DTYPE, params), steps, *per_param_keys)
+    ):
+        by_kind[kind].append(index)
+    return list(by_kind.items())
+
+
+def pick(values: list, positions: list[int] | None) -> list:
+    """``values`` at ``positions`` (all of them for None, as `bucket_indices` gives)."""
+    return values if positions is None else [values[i] for i in positions]
+
+
+def _buckets(params, grads, exp_avgs, exp_avg_sqs, slow_params, steps) -> list[_Bucket]:
+    lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params)
     return [
-        _Bucket(step, *([values[i] for i in indices] for values in lists))
-        for (_, _, step), indices in by_kind.items()
+        _Bucket(kind[2], *(pick(values, positions) for values in lists))
+        for kind, positions in bucket_indices(params, steps)
     ]
 
 
@@ -248,6 +268,10 @@ def _wave_pieces(tensors: tuple[torch.Tensor, ...], wave_numel: int) -> list[tup
         tuple(flat[start : start + wave_numel] for flat in flats)
         for start in range(0, numel, wave_numel)
     ]
+
+
+_DEVICE = attrgetter("device")
+_DTYPE = attrgetter("dtype")
 
 
 def _one_device_and_dtype(params: list[torch.Tensor]) -> bool:

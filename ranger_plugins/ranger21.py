@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
+from ._multi_tensor import bucket_indices
 from ._state import check_gradients, check_lookahead_args, check_real, step_arguments
 from .lookahead import copy_into, lookahead_sync_
 
@@ -839,12 +840,11 @@ class _Bucket(NamedTuple):
 
 
 def _buckets(params: list[torch.Tensor], steps: list[int]) -> list[tuple[int, list[int]]]:
-    """(step, indices) of the params of each (device, dtype, step): foreach kernels need one
-    device and dtype, and the step decides the scalars."""
-    by_kind: dict[tuple, list[int]] = defaultdict(list)
-    for index, (param, step) in enumerate(zip(params, steps)):
-        by_kind[(param.device, param.dtype, step)].append(index)
-    return [(step, indices) for (_, _, step), indices in by_kind.items()]
+    """(step, positions) of the params of each `bucket_indices` bucket."""
+    return [
+        (kind[2], list(range(len(params))) if positions is None else positions)
+        for kind, positions in bucket_indices(params, steps)
+    ]
 
 
 def _denominators(

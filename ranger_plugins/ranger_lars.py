@@ -17,13 +17,13 @@ dtype and step; the default), and the functional `ranger_lars` that picks one.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any, NamedTuple
 
 import torch
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients, rectification
+from ._multi_tensor import bucket_indices, pick
 from ._state import (
     PLAIN_TENSOR_TYPES,
     check_flags,
@@ -305,15 +305,10 @@ class _Bucket(NamedTuple):
 
 
 def _buckets(params, grads, exp_avgs, exp_avg_sqs, slow_params, steps) -> list[_Bucket]:
-    """The params split by (device, dtype, step): foreach kernels need one device and dtype,
-    and the step decides the step size and whether Lookahead syncs."""
     lists = (params, grads, exp_avgs, exp_avg_sqs, slow_params)
-    by_kind: dict[tuple, list[int]] = defaultdict(list)
-    for index, (param, step) in enumerate(zip(params, steps)):
-        by_kind[(param.device, param.dtype, step)].append(index)
     return [
-        _Bucket(step, *([values[i] for i in indices] for values in lists))
-        for (_, _, step), indices in by_kind.items()
+        _Bucket(kind[2], *(pick(values, positions) for values in lists))
+        for kind, positions in bucket_indices(params, steps)
     ]
 
 

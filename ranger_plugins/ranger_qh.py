@@ -9,14 +9,13 @@ and the functional `ranger_qh` that picks one of them.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
-from ._multi_tensor import foreach_waves
+from ._multi_tensor import bucket_indices, foreach_waves
 from ._state import (
     check_flags,
     check_lookahead_args,
@@ -301,11 +300,11 @@ def _multi_tensor_ranger_qh(
     """`_single_tensor_ranger_qh` with `torch._foreach_*` ops: the same operations in the
     same order on every element, one bucket of params at a time."""
     state = (exp_avgs, exp_avg_sqs, slow_params)
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for index, param in enumerate(params):
-        kind = (param.device, param.dtype, steps[index], beta1_weights[index], beta2_weights[index])
-        buckets[kind].append(index)
-    for (_, _, step, weight1, weight2), indices in buckets.items():
+    # The running bias-correction weights decide the step too.
+    for (_, _, step, weight1, weight2), indices in bucket_indices(
+        params, steps, beta1_weights, beta2_weights
+    ):
+        assert indices is not None  # per-param keys: always listed
         bucket_grads = [grads[i].to(exp_avgs[i].dtype) for i in indices]
         if use_gc:
             centralize_gradients(bucket_grads, gc_conv_only)

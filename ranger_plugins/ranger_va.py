@@ -11,7 +11,6 @@ dispatch; the optimizer contract lives in `_base.LookaheadOptimizer`), then
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._math import centralize_gradient, centralize_gradients
-from ._multi_tensor import foreach_waves
+from ._multi_tensor import bucket_indices, foreach_waves
 from ._state import as_float, check_flags, check_lookahead_args, check_pair, check_real
 from .lookahead import copy_into, lookahead_sync_
 
@@ -321,10 +320,8 @@ def _multi_tensor_ranger_va(
     """`_single_tensor_ranger_va` with `torch._foreach_*` ops: the same operations in the
     same order on every element, one bucket of params (device, dtype, step) at a time. The
     softplus has no foreach form: it runs per tensor, as in the single-tensor path."""
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for index, param in enumerate(params):
-        buckets[(param.device, param.dtype, steps[index])].append(index)
-    for (_, _, step), indices in buckets.items():
+    for (_, _, step), positions in bucket_indices(params, steps):
+        indices = range(len(params)) if positions is None else positions
         bucket_grads = [grads[i].to(exp_avgs[i].dtype) for i in indices]
         if use_gc:
             centralize_gradients(bucket_grads, gc_conv_only)
