@@ -47,6 +47,8 @@ class GroupLists:
     grads: list[torch.Tensor] = field(default_factory=list)
     states: list[list[torch.Tensor]] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    #: The params' whole state dicts (for updates whose state keys vary by param).
+    state_dicts: list[dict[str, Any]] = field(default_factory=list)
 
 
 class LookaheadOptimizer(LookaheadControls, Optimizer):
@@ -104,6 +106,9 @@ class LookaheadOptimizer(LookaheadControls, Optimizer):
             where = f"group {index} of the loaded state dict: "
             self._check_not_foreign(group, where)
             self.check_group({**self.optional_group_defaults, **group}, where=where)
+        self._check_param_states(state_dict)
+
+    def _check_param_states(self, state_dict: dict[str, Any]) -> None:
         check_param_states(self, state_dict, "step", self.state_keys)
 
     def _check_not_foreign(self, group: dict[str, Any], where: str) -> None:
@@ -154,18 +159,37 @@ class LookaheadOptimizer(LookaheadControls, Optimizer):
         states = [self.state[param] for param in with_grad]
         for param, state in zip(with_grad, states):
             if not state:
-                self._init_state(param, state)
-        for param, state in params_whose_state_moved(with_grad, states):
-            move_state_to_param(state, param, self.state_keys)
+                self._init_state(param, state, group)
+        for param, state in self._states_to_fix(with_grad, states, group):
+            self._fix_state(param, state, group)
         for state in states:
             state["step"] += 1
         # Comprehensions: a model of many small tensors pays this per tensor on every step.
-        lists.params, lists.grads = with_grad, grads
-        lists.states = [[state[key] for state in states] for key in self.state_keys]
+        lists.params, lists.grads, lists.state_dicts = with_grad, grads, states
+        lists.states = self._state_lists(group, states)
         lists.steps = [state["step"] for state in states]
         return lists
 
-    def _init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
+    def _states_to_fix(
+        self, params: list[torch.Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """(param, state) whose state is not what the update reads (here: its dtype or device
+        no longer matches the param's, after ``model.to()``)."""
+        return params_whose_state_moved(params, states)
+
+    def _fix_state(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Bring a state `_states_to_fix` found into what the update reads."""
+        move_state_to_param(state, param, self.state_keys)
+
+    def _state_lists(
+        self, group: dict[str, Any], states: list[dict[str, Any]]
+    ) -> list[list[torch.Tensor]]:
+        """One list per `state_keys` entry, for the update."""
+        return [[state[key] for state in states] for key in self.state_keys]
+
+    def _init_state(
+        self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> None:
         """A param's state at its first step: zeros, and slow weights copied from it."""
         dtype = state_dtype(param)
         state["step"] = 0

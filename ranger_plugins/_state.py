@@ -18,11 +18,11 @@ import torch
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-# torch's `Optimizer.load_state_dict` casts every floating state tensor to its param's dtype.
-# For bf16/fp16 params that would round the fp32 moments and slow weights we keep; we put the
-# saved fp32 tensors back after loading. State the inner optimizer keeps in the param's own
-# dtype (AdamW's moments) is saved in that dtype and is left as torch loads it. "step" is
-# left alone too: torch decides its device (CPU unless capturable/fused).
+# torch's `Optimizer.load_state_dict` casts every state tensor of a floating param to the
+# param's dtype. That would round the fp32 moments and slow weights of bf16/fp16 params and
+# turn quantized codes into floats, so `load_state_dict_safely` puts those back in their saved
+# dtype. Other floating state (fp32 state loaded into fp64 params) is cast as torch casts it.
+# "step" is left alone: torch decides its device (CPU unless capturable/fused).
 _STATE_DTYPES = dict.fromkeys(LOW_PRECISION, torch.float32)
 
 _DTYPE = operator.attrgetter("dtype")
@@ -275,12 +275,12 @@ def check_param_states(
             missing = [key for key in keys if key not in entry]
             if missing:
                 raise ValueError(f"{where}: missing state {missing[0]!r} (it has {sorted(entry)})")
-            _check_step(entry[step_key], f"{where}: state {step_key!r}")
+            check_step(entry[step_key], f"{where}: state {step_key!r}")
             for key in tensor_keys:
                 _check_state_tensor(entry[key], param, f"{where}: state {key!r}")
 
 
-def _check_step(step: Any, what: str) -> None:
+def check_step(step: Any, what: str) -> None:
     value = step
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.dtype.is_complex:
@@ -315,27 +315,33 @@ def steps_to_int(optimizer: torch.optim.Optimizer, step_key: str) -> None:
             state[step_key] = int(step.item())
 
 
-def saved_fp32_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> list[tuple]:
-    """(param, key, saved tensor) for every fp32 state tensor of a low-precision param."""
+def saved_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> list[tuple]:
+    """(param, key, saved tensor) for every saved state tensor that torch's load would cast
+    but that keeps its dtype: fp32 state of bf16/fp16 params, quantized codes, and every
+    tensor of a low-memory state (one that holds ``slow_delta``)."""
     saved = []
     for group, saved_group in zip(optimizer.param_groups, state_dict["param_groups"]):
         for param, param_id in zip(group["params"], saved_group["params"]):
-            if param.dtype not in LOW_PRECISION:
-                continue
-            for key, value in state_dict["state"].get(param_id, {}).items():
-                if (
-                    key != "step"
-                    and isinstance(value, torch.Tensor)
-                    and value.dtype == torch.float32
-                ):
-                    saved.append((param, key, value))
+            entry = state_dict["state"].get(param_id, {})
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, torch.Tensor):
+                    if _keeps_dtype(param, value, low_memory="slow_delta" in entry):
+                        saved.append((param, key, value))
     return saved
 
 
-def restore_fp32_state(optimizer: torch.optim.Optimizer, saved: Iterable[tuple]) -> None:
-    """Put the saved fp32 state tensors back (on the param's device) after torch's load."""
+def _keeps_dtype(param: torch.Tensor, value: torch.Tensor, low_memory: bool) -> bool:
+    if value.dtype == param.dtype:
+        return False
+    fp32_of_low_precision = param.dtype in LOW_PRECISION and value.dtype == torch.float32
+    return fp32_of_low_precision or low_memory or not value.is_floating_point()
+
+
+def restore_saved_dtypes(optimizer: torch.optim.Optimizer, saved: Iterable[tuple]) -> None:
+    """Put the saved tensors back in their own dtype (on the param's device) after torch's
+    load, which cast them to the param's dtype."""
     for param, key, value in saved:
-        optimizer.state[param][key] = value.detach().to(device=param.device, dtype=torch.float32)
+        optimizer.state[param][key] = value.detach().to(device=param.device, copy=True)
 
 
 def load_state_dict_safely(
@@ -346,15 +352,15 @@ def load_state_dict_safely(
 ) -> None:
     """`Optimizer.load_state_dict` for our optimizers: the optimizer's load_state_dict pre
     hooks, then ``validate(state_dict)``, then ``load(state_dict)`` (torch's loading, with
-    the optimizer's own hooks held back so that each runs once), then the post hooks. fp32
-    state stays fp32; on any failure the optimizer is left as it was."""
+    the optimizer's own hooks held back so that each runs once), then the post hooks. State
+    tensors keep their saved dtype; on any failure the optimizer is left as it was."""
     state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
     for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(optimizer, state_dict)
         if result is not None:
             state_dict = result
     validate(state_dict)
-    fp32_state = saved_fp32_state(optimizer, state_dict)
+    saved_dtypes = saved_state_dtypes(optimizer, state_dict)
     # torch's load swaps in new `state` and `param_groups` objects; keep the old ones (and
     # the groups' contents, in case a loader edits them in place) so a failure can be undone.
     old_state, old_groups = optimizer.state, optimizer.param_groups
@@ -368,7 +374,7 @@ def load_state_dict_safely(
             group.clear()
             group.update(contents)
         raise
-    restore_fp32_state(optimizer, fp32_state)
+    restore_saved_dtypes(optimizer, saved_dtypes)
     for post_hook in optimizer._optimizer_load_state_dict_post_hooks.values():
         post_hook(optimizer)
 

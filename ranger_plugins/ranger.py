@@ -15,6 +15,15 @@ import torch
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._fused import fused_ranger
+from ._low_memory import (
+    STATE_PRECISIONS,
+    check_saved_state,
+    convert_state,
+    layout_for,
+    low_memory_ranger,
+    new_state,
+    state_fits,
+)
 from ._math import (
     centralize_gradient,
     rectification,
@@ -24,6 +33,9 @@ from ._multi_tensor import _multi_tensor_ranger
 from ._state import (
     check_lookahead_args,
     check_real,
+    check_step,
+    saved_entries,
+    state_location,
 )
 
 __all__ = ["Ranger", "centralize_gradient", "rectification"]
@@ -45,6 +57,7 @@ OPTIONAL_GROUP_DEFAULTS = {
     "fused": False,
     "gc_conv_only": False,
     "rectify_threshold": 5.0,
+    "state_precision": "full",
 }
 
 
@@ -96,6 +109,15 @@ class Ranger(LookaheadOptimizer):
             results as the default path up to rounding; ``p.grad`` is not centralized in place.
         foreach: use the multi-tensor implementation (default: yes, unless a param is not a
             strided tensor).
+        state_precision: how the state is stored (`ranger_plugins._low_memory` has the
+            details): ``"full"`` (the default: moments and slow weights in fp32, 12 bytes per
+            param), ``"16bit"`` (bf16 moments, and the slow weights kept as the bf16
+            difference ``fast - slow``: 6 bytes per param), ``"8bit"`` (8-bit block-quantized
+            moments and that bf16 difference: about 4.03 bytes per param; params under 4096
+            elements keep the 16bit layout), or ``"delta"`` (the difference in fp32: the
+            reformulation alone, 12 bytes per param). The low-memory step decodes the state a
+            chunk at a time, so it adds little to the peak. Loading a state dict saved in
+            another precision converts it to this one.
 
     Notes:
         * State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq`` and
@@ -127,6 +149,7 @@ class Ranger(LookaheadOptimizer):
         *,
         foreach: bool | None = None,
         fused: bool = False,
+        state_precision: str = "full",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -140,6 +163,7 @@ class Ranger(LookaheadOptimizer):
             rectify_threshold=rectify_threshold,
             foreach=foreach,
             fused=fused,
+            state_precision=state_precision,
         )
         super().__init__(params, defaults)
 
@@ -157,7 +181,65 @@ class Ranger(LookaheadOptimizer):
     def check_group(cls, group: dict[str, Any], where: str = "") -> None:
         check_hyperparameters(group, where)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict (see `LookaheadOptimizer.load_state_dict`). Each group keeps the
+        ``state_precision`` this optimizer has, and the loaded state is converted to it, so a
+        checkpoint saved in any precision resumes in the one chosen now."""
+        precisions = [group["state_precision"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, precision in zip(self.param_groups, precisions):
+            group["state_precision"] = precision
+            params = [param for param in group["params"] if self.state.get(param)]
+            states = [self.state[param] for param in params]
+            for param, state in self._states_to_fix(params, states, group):
+                self._fix_state(param, state, group)
+
+    def _check_param_states(self, state_dict: dict[str, Any]) -> None:
+        # A saved state may be in any layout (the load converts it): each must be complete.
+        for index, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            for position, (param, entry) in enumerate(saved_entries(state_dict, group, saved)):
+                if entry:
+                    where = state_location(index, position)
+                    check_saved_state(entry, param, where)
+                    check_step(entry["step"], f"{where}: state 'step'")
+
+    def _init_state(
+        self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> None:
+        state.update(new_state(param, layout_for(group["state_precision"], param)))
+
+    def _states_to_fix(
+        self, params: list[torch.Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        # Any state not in the layout of the group's precision is converted before the step
+        # reads it: after a change of `state_precision`, a load, or `model.to()`.
+        precision = group["state_precision"]
+        if precision == "full" and all("slow_param" in state for state in states):
+            return super()._states_to_fix(params, states, group)
+        return [
+            (param, state)
+            for param, state in zip(params, states)
+            if not state_fits(param, state, layout_for(precision, param))
+        ]
+
+    def _fix_state(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        convert_state(param, state, layout_for(group["state_precision"], param))
+
+    def _state_lists(
+        self, group: dict[str, Any], states: list[dict[str, Any]]
+    ) -> list[list[torch.Tensor]]:
+        return super()._state_lists(group, states) if group["state_precision"] == "full" else []
+
     def _update(self, group_index: int, group: dict[str, Any], lists: GroupLists) -> None:
+        if group["state_precision"] != "full":
+            low_memory_ranger(
+                lists.params,
+                lists.grads,
+                lists.state_dicts,
+                lists.steps,
+                **step_hyperparameters(group),
+            )
+            return
         # The default path keeps the wave layout of each group between steps (see
         # `_multi_tensor._cached_plan`, which checks that it still fits before using it).
         plan_caches = self.__dict__.setdefault("_plan_caches", {})
@@ -204,6 +286,11 @@ def check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
             raise ValueError(f"{where}Invalid {flag}: {group[flag]!r} (must be True or False)")
     if group.get("foreach") not in (None, True, False):
         raise ValueError(f"{where}Invalid foreach: {group['foreach']!r} (must be None or a bool)")
+    if group.get("state_precision", "full") not in STATE_PRECISIONS:
+        raise ValueError(
+            f"{where}Invalid state_precision: {group['state_precision']!r} "
+            f"(must be one of {STATE_PRECISIONS})"
+        )
 
 
 def _single_tensor_ranger(

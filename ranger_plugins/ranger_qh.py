@@ -170,8 +170,10 @@ class RangerQH(LookaheadOptimizer):
         check_lookahead_args(group["lookahead_k"], group["lookahead_alpha"], where=where)
         check_flags(group, ("decouple_weight_decay", "use_gc", "gc_conv_only"), where)
 
-    def _init_state(self, param: torch.Tensor, state: dict[str, Any]) -> None:
-        super()._init_state(param, state)
+    def _init_state(
+        self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> None:
+        super()._init_state(param, state, group)
         for key in WEIGHT_KEYS:
             state[key] = 0.0
 

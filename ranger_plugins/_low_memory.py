@@ -1,0 +1,587 @@
+"""Low-memory optimizer state for Ranger (``Ranger(..., state_precision=...)``).
+
+Two ideas, each checked by the tests against the standard step:
+
+* The Lookahead slow weights are never stored. Between two syncs they do not move, and at a
+  sync the fast weights are reset to them, so ``slow = fast - d`` where ``d`` (``slow_delta``)
+  is the sum of this param's changes since the last sync. The sync
+  ``slow + alpha * (fast - slow)`` is then ``fast - (1 - alpha) * d``, after which ``d = 0``.
+  ``d`` is a small quantity (a few steps' updates), so 16 bits keep it far better than they
+  would keep the weights.
+* The moments are stored in 16 or 8 bits and decoded to the param's working precision
+  (fp32, or fp64 for fp64 params) for the update, a chunk at a time, so the step never holds
+  more than one chunk of decoded state.
+
+Layouts of one param's state (besides ``step``), by ``state_precision``:
+
+=========  =====================================================================  ==========
+ layout     tensors                                                                bytes/param
+=========  =====================================================================  ==========
+ full       exp_avg, exp_avg_sq, slow_param: fp32 (fp64 for fp64 params)           12
+ delta      exp_avg, exp_avg_sq, slow_delta: fp32 (fp64 for fp64 params)           12
+ 16bit      exp_avg, exp_avg_sq, slow_delta: bf16                                  6
+ 8bit       exp_avg int8, exp_avg_sq uint8, slow_delta bf16, and one fp32 scale    4 + 8/256
+            per block of 256 elements for each moment (exp_avg_scale,
+            exp_avg_sq_scale)
+=========  =====================================================================  ==========
+
+``delta`` is the reformulation alone, in full precision (it exists so that the reformulation
+can be checked against the standard step, and costs what ``full`` costs). In an ``8bit`` group,
+params with fewer than `MIN_8BIT_NUMEL` elements (biases, norms) keep the ``16bit`` layout, as
+bitsandbytes and torchao keep small tensors unquantized: their state is a negligible share of
+the memory, and they are the most sensitive.
+
+Encodings (the fused C++ step, ``csrc/``, does the same float32 operations in the same order):
+
+* bf16 values are rounded to nearest, except ``exp_avg_sq`` in the ``16bit`` layout, which is
+  rounded stochastically: with beta2 = 0.999 a step changes v by 0.1%, less than half a bf16
+  ulp (0.2-0.4%), so rounding to nearest would freeze v (it could never decrease).
+* 8-bit moments are quantized per block of 256 consecutive elements in the param's memory
+  order, relative to the block's largest magnitude S (stored as fp32). ``exp_avg`` uses a
+  square-root code, ``c = round(127 * sqrt(|m| / S))``, decoded as ``S * c * |c| / 127**2``
+  (relative resolution near 2/c, down to 1/32258 of S); ``exp_avg_sq`` a fourth-root code
+  ``c = floor(255 * (v / S) ** 0.25 + u)``, decoded as ``S * (c / 255) ** 4``, with ``u`` the
+  stochastic-rounding offset, and never 0 for a v > 0 (a zero v would turn m / sqrt(v) into
+  m / eps). Like bitsandbytes' dynamic map, both codes spend their levels logarithmically.
+* The stochastic-rounding offsets come from a hash of (step, element index), not from torch's
+  random generator: the same run gives the same bits (bitwise resume, identical DDP ranks),
+  and the user's random stream is untouched.
+
+The state tensors of a param's shape have the param's strides, so that memory order (the order
+of the 8-bit blocks) is the same in all of them. A state in any other layout, dtype, device or
+memory order is converted before a step reads it (`state_fits`, `convert_state`): loading a
+checkpoint saved in another mode, changing a group's ``state_precision``, ``model.to()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._math import rectification
+from ._state import PLAIN_TENSOR_TYPES, state_dtype
+
+__all__ = ["STATE_PRECISIONS", "check_saved_state", "convert_state", "layout_for"]
+
+STATE_PRECISIONS = ("full", "delta", "16bit", "8bit")
+BLOCK = 256
+MIN_8BIT_NUMEL = 4096
+# Chunks of a param's memory order the step decodes at a time: a multiple of BLOCK, and small
+# enough that the decoded chunk (about 80 bytes per element of temporaries) stays a few
+# percent of a large model's param bytes.
+MAX_CHUNK = 1 << 16
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+_SIGNED_LEVELS = 127.0
+_UNSIGNED_LEVELS = 255.0
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+SCALE_KEYS = ("exp_avg_scale", "exp_avg_sq_scale")
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def layout_for(precision: str, param: torch.Tensor) -> str:
+    """The layout of a param's state in a group of this ``state_precision``."""
+    if precision == "8bit" and param.numel() < MIN_8BIT_NUMEL:
+        return "16bit"
+    return precision
+
+
+def layout_of(state: dict[str, Any]) -> str:
+    """The layout a (checked) state is in, from its keys and dtypes."""
+    if "slow_param" in state:
+        return "full"
+    if "exp_avg_scale" in state:
+        return "8bit"
+    return "16bit" if state["exp_avg"].dtype == torch.bfloat16 else "delta"
+
+
+def _dtypes(layout: str, param: torch.Tensor) -> dict[str, torch.dtype]:
+    """The dtype of each state tensor of the param's shape, in a layout."""
+    work = state_dtype(param)
+    if layout == "full":
+        return dict.fromkeys(("exp_avg", "exp_avg_sq", "slow_param"), work)
+    if layout == "delta":
+        return dict.fromkeys(("exp_avg", "exp_avg_sq", "slow_delta"), work)
+    if layout == "16bit":
+        return dict.fromkeys(("exp_avg", "exp_avg_sq", "slow_delta"), torch.bfloat16)
+    return {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8, "slow_delta": torch.bfloat16}
+
+
+def blocks_of(numel: int) -> int:
+    return -(-numel // BLOCK)
+
+
+def state_fits(param: torch.Tensor, state: dict[str, Any], layout: str) -> bool:
+    """Whether a state is exactly what the step of ``layout`` reads: its keys, dtypes, device,
+    and the param's strides (the memory order of the blocks)."""
+    dtypes = _dtypes(layout, param)
+    keys = set(dtypes) | (set(SCALE_KEYS) if layout == "8bit" else set())
+    if keys | {"step"} != state.keys():
+        return False
+    strides = state_strides(param)
+    for key, dtype in dtypes.items():
+        tensor = state[key]
+        if (
+            tensor.dtype != dtype
+            or tensor.device != param.device
+            or tensor.shape != param.shape
+            or tensor.stride() != strides
+        ):
+            return False
+    if layout == "8bit":
+        blocks = (blocks_of(param.numel()),)
+        return all(
+            state[key].shape == blocks
+            and state[key].dtype == torch.float32
+            and state[key].device == param.device
+            for key in SCALE_KEYS
+        )
+    return True
+
+
+def state_strides(param: torch.Tensor) -> tuple[int, ...]:
+    """The strides of a param's state tensors: the param's own where it is dense (so that all
+    share one memory order), else contiguous (what ``empty_like`` gives)."""
+    if _is_dense(param):
+        return param.stride()
+    strides, size = [], 1
+    for extent in reversed(param.shape):
+        strides.append(size)
+        size *= max(extent, 1)
+    return tuple(reversed(strides))
+
+
+def new_state(param: torch.Tensor, layout: str) -> dict[str, Any]:
+    """A param's state at its first step, in ``layout``: zero moments, and slow weights equal
+    to the param (``slow_delta`` zero)."""
+    state: dict[str, Any] = {"step": 0}
+    for key, dtype in _dtypes(layout, param).items():
+        if key == "slow_param":
+            state[key] = param.detach().to(dtype, copy=True)
+        else:
+            state[key] = torch.zeros_like(param, dtype=dtype, memory_format=_FORMAT)
+    if layout == "8bit":
+        for key in SCALE_KEYS:
+            state[key] = torch.zeros(
+                blocks_of(param.numel()), dtype=torch.float32, device=param.device
+            )
+    return state
+
+
+_FORMAT = torch.preserve_format
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def decoded_state(
+    param: torch.Tensor, state: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp_avg, exp_avg_sq, slow_delta) of a state in any layout, as tensors of the param's
+    shape in its working dtype, on the param's device."""
+    layout = layout_of(state)
+    work = state_dtype(param)
+    if layout == "8bit":
+        moments = [
+            _decode_whole(state[key], state[scale], decode).to(param.device, work)
+            for key, scale, decode in zip(
+                MOMENT_KEYS, SCALE_KEYS, (_decode_signed, _decode_unsigned)
+            )
+        ]
+    else:
+        moments = [state[key].to(param.device, work) for key in MOMENT_KEYS]
+    if layout == "full":
+        delta = param.detach().to(work) - state["slow_param"].to(param.device, work)
+    else:
+        delta = state["slow_delta"].to(param.device, work)
+    return moments[0], moments[1], delta
+
+
+def convert_state(param: torch.Tensor, state: dict[str, Any], layout: str) -> None:
+    """Rewrite ``state`` in place into ``layout`` (keeping ``step`` and the values it holds,
+    up to the target's precision): the one path by which a state changes layout, dtype,
+    device or memory order."""
+    exp_avg, exp_avg_sq, delta = decoded_state(param, state)
+    converted = new_state(param, layout)
+    converted["step"] = state["step"]
+    if layout == "full":
+        converted["exp_avg"].copy_(exp_avg)
+        converted["exp_avg_sq"].copy_(exp_avg_sq)
+        converted["slow_param"].copy_(param.detach().to(delta.dtype) - delta)
+    else:
+        flat = _FlatState(converted, state_dtype(param))
+        whole = slice(0, param.numel())
+        flat.store_moments(
+            whole, _memory_order(exp_avg, param), _memory_order(exp_avg_sq, param), state["step"]
+        )
+        flat.store_delta(whole, _memory_order(delta, param))
+    state.clear()  # only now: an error above leaves the state as it was
+    state.update(converted)
+
+
+def _memory_order(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (of the param's shape) flattened in the param's memory order."""
+    arranged = torch.empty_like(param, dtype=tensor.dtype, memory_format=_FORMAT)
+    arranged.copy_(tensor)
+    return _flat(arranged)
+
+
+def _decode_whole(codes: torch.Tensor, scales: torch.Tensor, decode: Callable) -> torch.Tensor:
+    """A quantized moment decoded to fp32, with the codes' shape and strides."""
+    codes = codes if _is_dense(codes) else codes.contiguous()
+    out = torch.empty_like(codes, dtype=torch.float32, memory_format=_FORMAT)
+    _flat(out).copy_(decode(_flat(codes), scales))
+    return out
+
+
+# ----------------------------------------------------------------------------- checking loads
+
+
+def check_saved_state(entry: dict[str, Any], param: torch.Tensor, where: str) -> None:
+    """Raise a `ValueError` unless a loaded (non-empty) state entry is a complete state in
+    one of the layouts, with tensors that fit the param."""
+    if "slow_param" in entry:
+        layout = "full"
+    elif "exp_avg_scale" in entry or "exp_avg_sq_scale" in entry:
+        layout = "8bit"
+    else:
+        layout = "delta"  # or 16bit: the same keys
+    keys = ("exp_avg", "exp_avg_sq", "slow_param" if layout == "full" else "slow_delta")
+    keys += SCALE_KEYS if layout == "8bit" else ()
+    missing = [key for key in ("step", *keys) if key not in entry]
+    if missing:
+        name = repr(missing[0])
+        if missing[0] == "slow_delta":  # neither form of the slow weights
+            name = "'slow_param' (or 'slow_delta', in the low-memory precisions)"
+        raise ValueError(f"{where}: missing state {name} (it has {sorted(entry)})")
+    for key in keys:
+        value = entry[key]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{where}: state {key!r} is a {type(value).__name__} (must be a tensor)"
+            )
+        expected = _saved_shape(key, param)
+        if value.shape != expected:
+            raise ValueError(
+                f"{where}: state {key!r} has shape {tuple(value.shape)} (must be {tuple(expected)})"
+            )
+        allowed = _saved_dtypes(key, layout)
+        if (value.dtype not in allowed) if allowed else not value.dtype.is_floating_point:
+            must = ", ".join(map(str, allowed)) if allowed else "a floating dtype"
+            raise ValueError(f"{where}: state {key!r} has dtype {value.dtype} (must be {must})")
+
+
+def _saved_shape(key: str, param: torch.Tensor) -> torch.Size:
+    return torch.Size([blocks_of(param.numel())]) if key in SCALE_KEYS else param.shape
+
+
+def _saved_dtypes(key: str, layout: str) -> tuple[torch.dtype, ...]:
+    """The dtypes a saved state tensor may have; () for any floating dtype."""
+    if layout != "8bit" or key == "slow_delta":
+        return ()
+    return {"exp_avg": (torch.int8,), "exp_avg_sq": (torch.uint8,)}.get(key, (torch.float32,))
+
+
+# ----------------------------------------------------------------------------- encodings
+
+
+def random16(index: torch.Tensor, step: int) -> torch.Tensor:
+    """16 pseudo-random bits (int64 in [0, 65536)) per element index, for a step: a
+    multiply-xorshift hash of ``index + step * golden``, all modulo 2**32. The multipliers are
+    below 2**31, so the int64 products of 32-bit values never overflow."""
+    x = (index + ((step * _GOLDEN) & _M32)) & _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x5BD1E995) & _M32
+    x ^= x >> 16
+    return x >> 16
+
+
+def bf16_stochastic(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Non-negative fp32 ``values`` rounded to bf16 stochastically: adding 16 random bits below
+    the kept ones and truncating rounds up with probability equal to the dropped fraction."""
+    bits = values.contiguous().view(torch.int32) + offsets.to(torch.int32)
+    return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _blocks(values: torch.Tensor) -> torch.Tensor:
+    """1-D fp32 ``values`` as (blocks, BLOCK), the last block padded with zeros."""
+    blocks = values.new_zeros(blocks_of(values.numel()), BLOCK)
+    blocks.view(-1)[: values.numel()].copy_(values)
+    return blocks
+
+
+def _inverse(scales: torch.Tensor) -> torch.Tensor:
+    return torch.where(scales > 0, scales.reciprocal(), torch.zeros_like(scales))
+
+
+def _encode_signed(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 values -> (int8 codes, fp32 block scales): ``c = round(127 * sqrt(|x| / S))``."""
+    blocks = _blocks(values)
+    magnitudes = blocks.abs()
+    scales = magnitudes.amax(dim=1)
+    levels = magnitudes.mul_(_inverse(scales)[:, None]).sqrt_().mul_(_SIGNED_LEVELS).round_()
+    codes = torch.where(blocks < 0, -levels, levels).view(-1)[: values.numel()]
+    return codes.to(torch.int8), scales
+
+
+def _decode_signed(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    levels = _blocks(codes.to(torch.float32))
+    values = (levels * levels.abs()).mul_((scales / (_SIGNED_LEVELS * _SIGNED_LEVELS))[:, None])
+    return values.view(-1)[: codes.numel()]
+
+
+def _encode_unsigned(
+    values: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative fp32 values -> (uint8 codes, fp32 block scales):
+    ``c = floor(255 * (x / S) ** 0.25 + u)``, at least 1 where x > 0."""
+    blocks = _blocks(values)
+    scales = blocks.amax(dim=1)
+    levels = (blocks * _inverse(scales)[:, None]).sqrt_().sqrt_().mul_(_UNSIGNED_LEVELS)
+    levels = levels.view(-1)[: values.numel()]
+    levels.add_(offsets.to(torch.float32).mul_(1.0 / 65536.0)).floor_().clamp_(max=_UNSIGNED_LEVELS)
+    levels = torch.where((values > 0) & (levels == 0), torch.ones_like(levels), levels)
+    return levels.to(torch.uint8), scales
+
+
+def _decode_unsigned(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    # float32(1/255), as the C++ kernel spells it: the double rounded once to float.
+    fraction = _blocks(codes.to(torch.float32)).mul_(1.0 / _UNSIGNED_LEVELS)
+    squared = fraction.mul_(fraction)
+    values = squared.mul_(squared).mul_(scales[:, None])
+    return values.view(-1)[: codes.numel()]
+
+
+# ----------------------------------------------------------------------------- flat chunks
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements in memory order, as a 1-D view."""
+    assert _is_dense(tensor), "only dense tensors have a memory order"
+    return tensor.as_strided((tensor.numel(),), (1,))
+
+
+class _FlatState:
+    """One param's state as 1-D views in the param's memory order, read and written a chunk
+    (a slice of whole blocks, but for the last) at a time."""
+
+    def __init__(self, state: dict[str, Any], work: torch.dtype) -> None:
+        self.layout = layout_of(state)
+        self.work = work
+        self.exp_avg = _flat(state["exp_avg"])
+        self.exp_avg_sq = _flat(state["exp_avg_sq"])
+        self.delta = _flat(state["slow_delta"])
+        self.scales = [state[key] for key in SCALE_KEYS] if self.layout == "8bit" else []
+
+    def load(self, part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(m, v, d) of the elements ``part``, decoded to the working dtype (new tensors)."""
+        delta = self.delta[part].to(self.work, copy=True)
+        if self.layout != "8bit":
+            return (
+                self.exp_avg[part].to(self.work, copy=True),
+                self.exp_avg_sq[part].to(self.work, copy=True),
+                delta,
+            )
+        blocks = slice(part.start // BLOCK, blocks_of(part.stop))
+        exp_avg = _decode_signed(self.exp_avg[part], self.scales[0][blocks])
+        exp_avg_sq = _decode_unsigned(self.exp_avg_sq[part], self.scales[1][blocks])
+        return exp_avg.to(self.work), exp_avg_sq.to(self.work), delta
+
+    def store_moments(
+        self, part: slice, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int = 0
+    ) -> None:
+        if self.layout in ("full", "delta"):
+            self.exp_avg[part].copy_(exp_avg)
+            self.exp_avg_sq[part].copy_(exp_avg_sq)
+            return
+        offsets = random16(_indices(part, exp_avg.device), step)
+        exp_avg_sq = exp_avg_sq.float()
+        if self.layout == "16bit":
+            self.exp_avg[part].copy_(exp_avg)
+            self.exp_avg_sq[part].copy_(bf16_stochastic(exp_avg_sq, offsets))
+            return
+        blocks = slice(part.start // BLOCK, blocks_of(part.stop))
+        codes, scales = _encode_signed(exp_avg.float())
+        self.exp_avg[part].copy_(codes)
+        self.scales[0][blocks].copy_(scales)
+        codes, scales = _encode_unsigned(exp_avg_sq, offsets)
+        self.exp_avg_sq[part].copy_(codes)
+        self.scales[1][blocks].copy_(scales)
+
+    def store_delta(self, part: slice, delta: torch.Tensor) -> None:
+        self.delta[part].copy_(delta)
+
+
+def _indices(part: slice, device: torch.device) -> torch.Tensor:
+    return torch.arange(part.start, part.stop, device=device, dtype=torch.int64)
+
+
+def chunk_numel(total_numel: int) -> int:
+    """Elements per chunk for a group of ``total_numel`` elements: a power of two of at least
+    one block, at most `MAX_CHUNK`, and about 1/512 of the group, so that the decoded chunk
+    stays a small share of the param bytes."""
+    wanted = max(BLOCK, total_numel // 512)
+    return min(MAX_CHUNK, 1 << (wanted.bit_length() - 1))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def low_memory_ranger(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    lookahead_k: int,
+    lookahead_alpha: float,
+    use_gc: bool,
+    gc_conv_only: bool,
+    rectify_threshold: float,
+) -> None:
+    """The Ranger step on states in the ``delta``, ``16bit`` or ``8bit`` layouts (see the
+    module docstring); the same maths as `ranger._single_tensor_ranger`, with the slow
+    weights kept as ``slow_delta``."""
+
+    chunk = chunk_numel(sum(param.numel() for param in params))
+    gc_min_dim = (3 if gc_conv_only else 1) if use_gc else math.inf
+    for param, grad, state, step in zip(params, grads, states, steps):
+        multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
+        values = StepValues(
+            decay=1.0 - lr * weight_decay,
+            beta1_weight=1.0 - beta1,
+            beta2=beta2,
+            beta2_weight=1.0 - beta2,
+            eps=eps,
+            step_size=-lr * multiplier,
+            adaptive=adaptive,
+            keep=1.0 - lookahead_alpha,
+            sync=step % lookahead_k == 0,
+            step=step,
+        )
+        _step_param(param, grad, state, values, param.dim() > gc_min_dim, chunk)
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """The scalars of one param's step, computed on the host (no device sync)."""
+
+    decay: float
+    beta1_weight: float
+    beta2: float
+    beta2_weight: float
+    eps: float
+    step_size: float
+    adaptive: bool
+    keep: float
+    sync: bool
+    step: int
+
+
+def _step_param(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, Any],
+    values: StepValues,
+    centralize: bool,
+    chunk: int,
+) -> None:
+    """One param's step, chunk by chunk of its memory order."""
+    if type(param) not in PLAIN_TENSOR_TYPES:
+        raise RuntimeError(
+            f"state_precision={layout_of(state)!r} needs plain tensors; this param is a "
+            f"{type(param).__name__} (FSDP2 and other tensor subclasses): use "
+            "state_precision='full'"
+        )
+    work = state_dtype(param)
+    target = param if _is_dense(param) else param.contiguous()
+    grad, row_means, row_length = _prepared_gradient(grad, target, work, centralize)
+    flat_param, flat_grad = _flat(target), _flat(grad)
+    flat_state = _FlatState(state, work)
+    for start in range(0, param.numel(), chunk):
+        part = slice(start, min(start + chunk, param.numel()))
+        gradient = flat_grad[part].to(work, copy=True)
+        if row_means is not None:
+            gradient.sub_(row_means[_indices(part, grad.device) // row_length])
+        _step_chunk(flat_param, gradient, flat_state, part, values)
+    if target is not param:
+        param.copy_(target)
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Whether the elements fill one block of memory without gaps or overlaps (any order)."""
+    if tensor.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(tensor.shape, tensor.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _prepared_gradient(
+    grad: torch.Tensor, target: torch.Tensor, work: torch.dtype, centralize: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The gradient with the param's strides (a copy only where they differ), and GC's row
+    means with the row length, where GC applies. Rows are contiguous in memory when dim 0 is
+    outermost (the usual layouts, channels_last included); otherwise the gradient is
+    centralized whole, in a copy."""
+    if grad.stride() != target.stride():
+        grad = torch.empty_like(target).copy_(grad)
+    if not centralize or target.numel() == 0:
+        return grad, None, 1
+    rows = target.shape[0]
+    if _dim0_outermost(target):
+        means = torch.mean(_flat(grad).view(rows, -1), dim=1, dtype=work)
+        return grad, means, target.numel() // rows
+    dims = tuple(range(1, grad.dim()))
+    centered = torch.empty_like(target, dtype=work).copy_(grad)
+    centered.sub_(centered.mean(dim=dims, keepdim=True))
+    return centered, None, 1
+
+
+def _dim0_outermost(tensor: torch.Tensor) -> bool:
+    return tensor.shape[0] <= 1 or tensor.stride(0) == max(tensor.stride())
+
+
+def _step_chunk(
+    flat_param: torch.Tensor,
+    gradient: torch.Tensor,
+    flat_state: _FlatState,
+    part: slice,
+    values: StepValues,
+) -> None:
+    exp_avg, exp_avg_sq, delta = flat_state.load(part)
+    old = flat_param[part].to(flat_state.work, copy=True)
+    fast = old.mul(values.decay)
+    exp_avg.lerp_(gradient, values.beta1_weight)
+    exp_avg_sq.mul_(values.beta2).addcmul_(gradient, gradient, value=values.beta2_weight)
+    if values.adaptive:
+        denominator = exp_avg_sq.sqrt().add_(values.eps)
+        fast.addcdiv_(exp_avg, denominator, value=values.step_size)
+    else:
+        fast.add_(exp_avg, alpha=values.step_size)
+    new = fast.to(flat_param.dtype)  # the param's rounding, which d must see
+    delta.add_(new.to(flat_state.work) - old)
+    if values.sync:  # slow + alpha * (fast - slow) = fast - (1 - alpha) * d
+        new = torch.sub(new.to(flat_state.work), delta, alpha=values.keep).to(flat_param.dtype)
+        delta.zero_()
+    flat_param[part].copy_(new)
+    flat_state.store_moments(part, exp_avg, exp_avg_sq, values.step)
+    flat_state.store_delta(part, delta)
