@@ -254,7 +254,11 @@ def check_saved_state(entry: dict[str, Any], param: torch.Tensor, where: str) ->
         layout = "8bit"
     else:
         layout = "delta"  # or 16bit: the same keys
-    keys = ("exp_avg", "exp_avg_sq", "slow_param" if layout == "full" else "slow_delta")
+    keys: tuple[str, ...] = (
+        "exp_avg",
+        "exp_avg_sq",
+        "slow_param" if layout == "full" else "slow_delta",
+    )
     keys += SCALE_KEYS if layout == "8bit" else ()
     missing = [key for key in ("step", *keys) if key not in entry]
     if missing:

@@ -83,19 +83,56 @@ def lookahead_sync_(
         param.copy_(weights)
 
 
+#: The two forms of a param's Lookahead state: the slow weights themselves, or (the
+#: low-memory precisions of `Ranger`) their difference from the fast weights, fast - slow.
+SLOW_WEIGHTS_KEYS = ("slow_param", "slow_delta")
+
+
+def slow_weights_key(state: dict) -> str | None:
+    """The key under which a state holds its Lookahead slow weights, or None."""
+    return (
+        "slow_param" if "slow_param" in state else "slow_delta" if "slow_delta" in state else None
+    )
+
+
+def slow_weights_of(param: torch.Tensor, state: dict) -> torch.Tensor:
+    """A param's slow weights: the stored tensor, or ``fast - d`` computed in the working
+    dtype (a new tensor of the param's size)."""
+    if "slow_param" in state:
+        return state["slow_param"]
+    work = state_dtype(param)
+    return param.detach().to(work) - state["slow_delta"].to(work)
+
+
+def sync_one_(param: torch.Tensor, state: dict, alpha: float) -> None:
+    """Lookahead's sync of one param: ``slow += alpha * (fast - slow); fast = slow``; in the
+    difference form ``fast -= (1 - alpha) * d; d = 0``, the same value."""
+    if "slow_param" in state:
+        slow = state["slow_param"]
+        slow.lerp_(param.to(slow.dtype), alpha)
+        param.copy_(slow)
+        return
+    delta = state["slow_delta"]
+    work = state_dtype(param)
+    param.copy_(torch.sub(param.to(work), delta.to(work), alpha=1.0 - alpha))
+    delta.zero_()
+
+
 class LookaheadControls:
-    """Mixin for optimizers whose state holds Lookahead's `slow_param` per parameter."""
+    """Mixin for optimizers whose state holds Lookahead's slow weights per parameter (as
+    ``slow_param``, or as ``slow_delta``: see `SLOW_WEIGHTS_KEYS`)."""
 
     # Provided by the `torch.optim.Optimizer` this is mixed into.
     param_groups: list[dict[str, Any]]
     state: Any
 
-    def _params_with_slow_weights(self) -> Iterator[tuple[dict, torch.Tensor, torch.Tensor]]:
+    def _params_with_slow_weights(self) -> Iterator[tuple[dict, torch.Tensor, dict]]:
+        """(group, param, state) of each param that has slow weights."""
         for group in self.param_groups:
             for param in group["params"]:
-                slow = self.state.get(param, {}).get("slow_param")
-                if slow is not None:
-                    yield group, param, slow
+                state = self.state.get(param, {})
+                if slow_weights_key(state) is not None:
+                    yield group, param, state
 
     @property
     def has_slow_weights(self) -> bool:
@@ -107,12 +144,13 @@ class LookaheadControls:
         """Overwrite the fast weights with the slow weights, without interpolating.
 
         The model then holds exactly what `slow_weights()` evaluates; the fast weights are
-        gone. Params that have not stepped yet keep their value.
+        gone (fast = slow: a ``slow_delta`` becomes 0). Params that have not stepped yet keep
+        their value.
         """
-        entries = list(self._params_with_slow_weights())
-        copy_into(
-            [param for _, param, _ in entries], [slow.to(param.dtype) for _, param, slow in entries]
-        )
+        for _, param, state in self._params_with_slow_weights():
+            param.copy_(slow_weights_of(param, state))
+            if "slow_delta" in state:
+                state["slow_delta"].zero_()
 
     def finish_training(self, weights_after_fit: str = "synced") -> None:
         """Leave the model holding ``"synced"`` weights (`sync_lookahead`), the ``"slow"``
@@ -127,9 +165,8 @@ class LookaheadControls:
     def sync_lookahead(self) -> None:
         """Sync now: move the slow weights a fraction alpha toward the fast weights, then
         reset the fast weights to them. The k-step schedule is not shifted by this."""
-        for group, param, slow in self._params_with_slow_weights():
-            slow.lerp_(param.to(slow.dtype), group["lookahead_alpha"])
-            param.copy_(slow)
+        for group, param, state in self._params_with_slow_weights():
+            sync_one_(param, state, group["lookahead_alpha"])
 
     @contextlib.contextmanager
     def slow_weights(self) -> Iterator[None]:
@@ -138,12 +175,17 @@ class LookaheadControls:
         The fast weights are restored exactly (a backup copy, not a round trip through the
         slow weights' dtype), so training continues as if evaluation never happened. Params
         that have not stepped yet have no slow weights and keep their value.
+
+        Memory: the backup is one copy of the stepped params (their bytes) for the duration;
+        where the state holds ``slow_delta``, each param's slow weights are also computed in
+        turn (one param's size in fp32 at a time).
         """
         entries = list(self._params_with_slow_weights())
         params = [param for _, param, _ in entries]
         with torch.no_grad():
             backups = [param.detach().clone() for param in params]
-            copy_into(params, [slow.to(param.dtype) for _, param, slow in entries])
+            for _, param, state in entries:
+                param.copy_(slow_weights_of(param, state))
         try:
             yield
         finally:
