@@ -311,10 +311,29 @@ def random16(index: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def bf16_stochastic(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Non-negative fp32 ``values`` rounded to bf16 stochastically: adding 16 random bits below
-    the kept ones and truncating rounds up with probability equal to the dropped fraction."""
+    """Finite fp32 ``values`` rounded to bf16 stochastically: adding 16 random bits below the
+    kept ones and truncating rounds the magnitude up with probability equal to the dropped
+    fraction (floats are sign-magnitude, so this holds for either sign)."""
     bits = values.contiguous().view(torch.int32) + offsets.to(torch.int32)
     return bits.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)
+
+
+@torch.no_grad()
+def copy_stochastic_(destination: torch.Tensor, source: torch.Tensor, step: int) -> None:
+    """``destination`` (bf16) = ``source`` rounded stochastically, a chunk of memory order at a
+    time (so the random offsets never take more than a chunk); offsets from (step, index)."""
+    if not (_is_dense(destination) and destination.stride() == source.stride()):
+        source = torch.empty_like(destination, dtype=source.dtype).copy_(source)
+    if not _is_dense(destination):
+        dense = destination.contiguous()
+        copy_stochastic_(dense, source.contiguous(), step)
+        destination.copy_(dense)
+        return
+    flat_destination, flat_source = _flat(destination), _flat(source)
+    for start in range(0, destination.numel(), MAX_CHUNK):
+        part = slice(start, min(start + MAX_CHUNK, destination.numel()))
+        offsets = random16(_indices(part, destination.device), step)
+        flat_destination[part].copy_(bf16_stochastic(flat_source[part].float(), offsets))
 
 
 def _blocks(values: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ._low_memory import copy_stochastic_
 from ._state import (
+    LOW_PRECISION,
     PLAIN_TENSOR_TYPES,
     check_lookahead_args,
     check_param_states,
@@ -83,6 +85,9 @@ def lookahead_sync_(
         param.copy_(weights)
 
 
+#: The ``slow_precision`` choices of the generic `Lookahead`.
+SLOW_PRECISIONS = ("full", "16bit")
+
 #: The two forms of a param's Lookahead state: the slow weights themselves, or (the
 #: low-memory precisions of `Ranger`) their difference from the fast weights, fast - slow.
 SLOW_WEIGHTS_KEYS = ("slow_param", "slow_delta")
@@ -104,12 +109,19 @@ def slow_weights_of(param: torch.Tensor, state: dict) -> torch.Tensor:
     return param.detach().to(work) - state["slow_delta"].to(work)
 
 
-def sync_one_(param: torch.Tensor, state: dict, alpha: float) -> None:
+def sync_one_(param: torch.Tensor, state: dict, alpha: float, step: int = 0) -> None:
     """Lookahead's sync of one param: ``slow += alpha * (fast - slow); fast = slow``; in the
-    difference form ``fast -= (1 - alpha) * d; d = 0``, the same value."""
+    difference form ``fast -= (1 - alpha) * d; d = 0``, the same value. Slow weights kept in
+    a narrower dtype than the param (`Lookahead`'s ``slow_precision="16bit"``) are
+    interpolated in the param's precision and rounded stochastically (seeded by ``step``),
+    and the fast weights take exactly that value."""
     if "slow_param" in state:
         slow = state["slow_param"]
-        slow.lerp_(param.to(slow.dtype), alpha)
+        if slow.dtype.itemsize < param.dtype.itemsize and slow.dtype == torch.bfloat16:
+            interpolated = slow.to(param.dtype).lerp_(param, alpha)
+            copy_stochastic_(slow, interpolated, step)
+        else:
+            slow.lerp_(param.to(slow.dtype), alpha)
         param.copy_(slow)
         return
     delta = state["slow_delta"]
@@ -166,7 +178,8 @@ class LookaheadControls:
         """Sync now: move the slow weights a fraction alpha toward the fast weights, then
         reset the fast weights to them. The k-step schedule is not shifted by this."""
         for group, param, state in self._params_with_slow_weights():
-            sync_one_(param, state, group["lookahead_alpha"])
+            step = state.get("step", state.get("lookahead_step", 0))
+            sync_one_(param, state, group["lookahead_alpha"], step)
 
     @contextlib.contextmanager
     def slow_weights(self) -> Iterator[None]:
@@ -216,6 +229,14 @@ class Lookahead(LookaheadControls, Optimizer):
         optimizer: the inner ("fast") optimizer, for example `torch.optim.AdamW(fused=True)`.
         k: sync every k steps of each parameter.
         alpha: the slow weights move this fraction of the way to the fast weights at a sync.
+        slow_precision: ``"full"`` (the default) keeps the slow weights in fp32 (fp64 for
+            fp64 params): 4 bytes per fp32 param. ``"16bit"`` keeps them in bf16 (fp16/bf16
+            params: their own dtype), 2 bytes per param: each sync interpolates in the
+            param's precision, rounds stochastically (unbiased) to bf16, and sets the fast
+            weights to exactly that value, so fast = slow holds after every sync; the slow
+            weights start as theta_0 rounded the same way. (The wrapper cannot see the inner
+            optimizer's updates, so it cannot keep the difference fast - slow as `Ranger`'s
+            low-memory precisions do; `Ranger(state_precision=...)` is the more exact choice.)
 
     It is a real `torch.optim.Optimizer` that shares the inner optimizer's `param_groups`
     and `state`, so LR schedulers, GradScaler and checkpoints see one optimizer. The slow
@@ -228,10 +249,22 @@ class Lookahead(LookaheadControls, Optimizer):
     their closure, such as LBFGS, are not supported).
     """
 
-    def __init__(self, optimizer: Optimizer, k: int = 6, alpha: float = 0.5) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        k: int = 6,
+        alpha: float = 0.5,
+        *,
+        slow_precision: str = "full",
+    ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
         check_lookahead_args(k, alpha)
+        if slow_precision not in SLOW_PRECISIONS:
+            raise ValueError(
+                f"Invalid slow_precision: {slow_precision!r} (must be one of {SLOW_PRECISIONS})"
+            )
+        self.slow_precision = slow_precision
         self.optimizer = optimizer
         # The base class sets up hooks and bookkeeping; its assignments to state,
         # param_groups and defaults are ignored until `_sharing` is set (see the properties).
@@ -248,7 +281,24 @@ class Lookahead(LookaheadControls, Optimizer):
 
     def __repr__(self) -> str:
         k, alpha = self._lookahead_defaults.values()
-        return f"Lookahead(k={k}, alpha={alpha}, optimizer={self.optimizer!r})"
+        return (
+            f"Lookahead(k={k}, alpha={alpha}, slow_precision={self.slow_precision!r}, "
+            f"optimizer={self.optimizer!r})"
+        )
+
+    def _slow_dtype(self, param: torch.Tensor) -> torch.dtype:
+        if self.slow_precision == "16bit":
+            return param.dtype if param.dtype in LOW_PRECISION else torch.bfloat16
+        return state_dtype(param)
+
+    def _slow_copy(self, weights: torch.Tensor, param: torch.Tensor, step: int) -> torch.Tensor:
+        """``weights`` in the slow weights' dtype for ``param``; narrowed stochastically."""
+        dtype = self._slow_dtype(param)
+        if dtype.itemsize >= weights.dtype.itemsize:
+            return weights.detach().to(dtype, copy=True)
+        slow = torch.empty_like(weights, dtype=dtype, memory_format=torch.preserve_format)
+        copy_stochastic_(slow, weights, step)
+        return slow
 
     def add_param_group(self, param_group: dict) -> None:
         if not self.__dict__.get("_sharing"):  # Optimizer.__init__: the groups already exist
@@ -271,6 +321,7 @@ class Lookahead(LookaheadControls, Optimizer):
             **super().__getstate__(),
             "optimizer": self.optimizer,
             "_lookahead_defaults": self._lookahead_defaults,
+            "slow_precision": self.slow_precision,
             "_sharing": True,
         }
 
@@ -278,6 +329,7 @@ class Lookahead(LookaheadControls, Optimizer):
         # The shared containers come back through the inner optimizer, pickled beside them.
         for name in ("state", "param_groups", "defaults"):
             state.pop(name, None)
+        state.setdefault("slow_precision", "full")  # pickled by an older version
         super().__setstate__(state)
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -296,7 +348,7 @@ class Lookahead(LookaheadControls, Optimizer):
             # theta_0 of the params stepping for the first time. It is stored only after the
             # inner step: torch optimizers initialize a param's state when state[p] is empty.
             initial_weights = {
-                param: param.detach().to(state_dtype(param), copy=True)
+                param: self._slow_copy(param, param, 0)
                 for _, param in stepped
                 if "slow_param" not in self.state.get(param, {})
             }
@@ -309,9 +361,7 @@ class Lookahead(LookaheadControls, Optimizer):
                     state["lookahead_step"] = 0
                 state["lookahead_step"] += 1
                 if state["lookahead_step"] % group["lookahead_k"] == 0:
-                    slow = state["slow_param"]
-                    slow.lerp_(param.to(slow.dtype), group["lookahead_alpha"])
-                    param.copy_(slow)
+                    sync_one_(param, state, group["lookahead_alpha"], state["lookahead_step"])
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -326,6 +376,16 @@ class Lookahead(LookaheadControls, Optimizer):
         for group in self.param_groups:
             for key, value in self._lookahead_defaults.items():
                 group.setdefault(key, value)
+        self._slow_weights_to_precision()
+
+    @torch.no_grad()
+    def _slow_weights_to_precision(self) -> None:
+        """Slow weights saved in another precision take this wrapper's."""
+        for _, param, state in self._params_with_slow_weights():
+            slow = state["slow_param"]
+            if slow.dtype != self._slow_dtype(param):
+                step = state.get("lookahead_step", 0)
+                state["slow_param"] = self._slow_copy(slow.to(param.device), param, step)
 
     def _check_state_dict(self, state_dict: dict) -> None:
         check_state_dict_matches(self, state_dict)
