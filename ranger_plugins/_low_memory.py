@@ -70,10 +70,10 @@ __all__ = ["STATE_PRECISIONS", "check_saved_state", "convert_state", "layout_for
 STATE_PRECISIONS = ("full", "delta", "16bit", "8bit")
 BLOCK = 256
 MIN_8BIT_NUMEL = 4096
-# Chunks of a param's memory order the step decodes at a time: a multiple of BLOCK, and small
-# enough that the decoded chunk (about 80 bytes per element of temporaries) stays a few
-# percent of a large model's param bytes.
+# Chunks of a param's memory order the step decodes at a time (multiples of BLOCK; see
+# `chunk_numel`).
 MAX_CHUNK = 1 << 16
+MIN_CHUNK = 4 * BLOCK
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -301,13 +301,13 @@ def random16(index: torch.Tensor, step: int) -> torch.Tensor:
     """16 pseudo-random bits (int64 in [0, 65536)) per element index, for a step: a
     multiply-xorshift hash of ``index + step * golden``, all modulo 2**32. The multipliers are
     below 2**31, so the int64 products of 32-bit values never overflow."""
-    x = (index + ((step * _GOLDEN) & _M32)) & _M32
+    x = (index + ((step * _GOLDEN) & _M32)).bitwise_and_(_M32)
     x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
     x ^= x >> 15
-    x = (x * 0x5BD1E995) & _M32
+    x.mul_(0x5BD1E995).bitwise_and_(_M32)
     x ^= x >> 16
-    return x >> 16
+    return x.bitwise_right_shift_(16)
 
 
 def bf16_stochastic(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -337,7 +337,10 @@ def copy_stochastic_(destination: torch.Tensor, source: torch.Tensor, step: int)
 
 
 def _blocks(values: torch.Tensor) -> torch.Tensor:
-    """1-D fp32 ``values`` as (blocks, BLOCK), the last block padded with zeros."""
+    """1-D fp32 ``values`` as (blocks, BLOCK): a view where they fill whole blocks, else a
+    copy with the last block padded with zeros."""
+    if values.numel() % BLOCK == 0:
+        return values.view(-1, BLOCK)
     blocks = values.new_zeros(blocks_of(values.numel()), BLOCK)
     blocks.view(-1)[: values.numel()].copy_(values)
     return blocks
@@ -353,7 +356,7 @@ def _encode_signed(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     magnitudes = blocks.abs()
     scales = magnitudes.amax(dim=1)
     levels = magnitudes.mul_(_inverse(scales)[:, None]).sqrt_().mul_(_SIGNED_LEVELS).round_()
-    codes = torch.where(blocks < 0, -levels, levels).view(-1)[: values.numel()]
+    codes = levels.copysign_(blocks).view(-1)[: values.numel()]  # -0.0 becomes code 0
     return codes.to(torch.int8), scales
 
 
@@ -370,10 +373,10 @@ def _encode_unsigned(
     ``c = floor(255 * (x / S) ** 0.25 + u)``, at least 1 where x > 0."""
     blocks = _blocks(values)
     scales = blocks.amax(dim=1)
-    levels = (blocks * _inverse(scales)[:, None]).sqrt_().sqrt_().mul_(_UNSIGNED_LEVELS)
+    levels = blocks.mul(_inverse(scales)[:, None]).sqrt_().sqrt_().mul_(_UNSIGNED_LEVELS)
     levels = levels.view(-1)[: values.numel()]
     levels.add_(offsets.to(torch.float32).mul_(1.0 / 65536.0)).floor_().clamp_(max=_UNSIGNED_LEVELS)
-    levels = torch.where((values > 0) & (levels == 0), torch.ones_like(levels), levels)
+    levels = torch.maximum(levels, values.sign())  # code 1 at least where v > 0
     return levels.to(torch.uint8), scales
 
 
@@ -450,10 +453,11 @@ def _indices(part: slice, device: torch.device) -> torch.Tensor:
 
 
 def chunk_numel(total_numel: int) -> int:
-    """Elements per chunk for a group of ``total_numel`` elements: a power of two of at least
-    one block, at most `MAX_CHUNK`, and about 1/512 of the group, so that the decoded chunk
-    stays a small share of the param bytes."""
-    wanted = max(BLOCK, total_numel // 512)
+    """Elements per chunk for a group of ``total_numel`` elements: a power of two between
+    `MIN_CHUNK` and `MAX_CHUNK`, at most 1/256 of the group, so that the chunk's temporaries
+    (about 80 bytes per element) stay under a tenth of the param bytes of all but tiny
+    models."""
+    wanted = max(MIN_CHUNK, total_numel // 256)
     return min(MAX_CHUNK, 1 << (wanted.bit_length() - 1))
 
 
@@ -540,15 +544,33 @@ def _step_param(
         part = slice(start, min(start + chunk, param.numel()))
         gradient = flat_grad[part].to(work, copy=True)
         if row_means is not None:
-            gradient.sub_(row_means[_indices(part, grad.device) // row_length])
+            _subtract_row_means(gradient, row_means, start, row_length)
         _step_chunk(flat_param, gradient, flat_state, part, values)
     if target is not param:
         param.copy_(target)
 
 
+def _subtract_row_means(
+    gradient: torch.Tensor, row_means: torch.Tensor, start: int, row_length: int
+) -> None:
+    """GC on a chunk of memory order that starts at element ``start``: its rows are the
+    rest of one row, whole rows, and the start of another."""
+    row, position = divmod(start, row_length)
+    if position:
+        head = min(row_length - position, gradient.numel())
+        gradient[:head].sub_(row_means[row])
+        gradient, row = gradient[head:], row + 1
+    whole = gradient.numel() // row_length
+    if whole:
+        rows = gradient[: whole * row_length].view(whole, row_length)
+        rows.sub_(row_means[row : row + whole, None])
+    if gradient.numel() > whole * row_length:
+        gradient[whole * row_length :].sub_(row_means[row + whole])
+
+
 def _is_dense(tensor: torch.Tensor) -> bool:
     """Whether the elements fill one block of memory without gaps or overlaps (any order)."""
-    if tensor.numel() == 0:
+    if tensor.is_contiguous() or tensor.numel() == 0:
         return True
     expected = 1
     for stride, size in sorted((s, n) for n, s in zip(tensor.shape, tensor.stride()) if n != 1):
