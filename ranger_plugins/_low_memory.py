@@ -147,6 +147,18 @@ def state_fits(param: torch.Tensor, state: dict[str, Any], layout: str) -> bool:
     return True
 
 
+def check_low_memory_supported(params: list[torch.Tensor]) -> None:
+    """Raise a `RuntimeError` for params the low-memory step cannot address element by
+    element in memory order: tensor subclasses (FSDP2's DTensors) and non-strided layouts."""
+    for param in params:
+        if type(param) not in PLAIN_TENSOR_TYPES or param.layout != torch.strided:
+            raise RuntimeError(
+                "Ranger's low-memory state (state_precision='16bit', '8bit' or 'delta') "
+                f"needs plain strided tensors; got a {type(param).__name__} param "
+                "(FSDP2 shards params as DTensors): use state_precision='full'"
+            )
+
+
 def state_strides(param: torch.Tensor) -> tuple[int, ...]:
     """The strides of a param's state tensors: the param's own where it is dense (so that all
     share one memory order), else contiguous (what ``empty_like`` gives)."""
@@ -529,12 +541,6 @@ def _step_param(
     chunk: int,
 ) -> None:
     """One param's step, chunk by chunk of its memory order."""
-    if type(param) not in PLAIN_TENSOR_TYPES:
-        raise RuntimeError(
-            f"state_precision={layout_of(state)!r} needs plain tensors; this param is a "
-            f"{type(param).__name__} (FSDP2 and other tensor subclasses): use "
-            "state_precision='full'"
-        )
     work = state_dtype(param)
     target = param if _is_dense(param) else param.contiguous()
     grad, row_means, row_length = _prepared_gradient(grad, target, work, centralize)

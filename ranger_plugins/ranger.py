@@ -17,6 +17,7 @@ from ._base import GroupLists, LookaheadOptimizer, ParamsT
 from ._fused import fused_ranger
 from ._low_memory import (
     STATE_PRECISIONS,
+    check_low_memory_supported,
     check_saved_state,
     convert_state,
     layout_for,
@@ -202,6 +203,11 @@ class Ranger(LookaheadOptimizer):
                     where = state_location(index, position)
                     check_saved_state(entry, param, where)
                     check_step(entry["step"], f"{where}: state 'step'")
+
+    def _init_group(self, group: dict[str, Any]) -> GroupLists:
+        if group["state_precision"] != "full":  # before any state changes
+            check_low_memory_supported([p for p in group["params"] if p.grad is not None])
+        return super()._init_group(group)
 
     def _init_state(
         self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
