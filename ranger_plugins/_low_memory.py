@@ -55,6 +55,7 @@ checkpoint saved in another mode, changing a group's ``state_precision``, ``mode
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,7 +230,7 @@ def convert_state(param: torch.Tensor, state: dict[str, Any], layout: str) -> No
         converted["exp_avg_sq"].copy_(exp_avg_sq)
         converted["slow_param"].copy_(param.detach().to(delta.dtype) - delta)
     else:
-        flat = _FlatState(converted, state_dtype(param))
+        flat = _FlatState.of(converted, state_dtype(param))
         whole = slice(0, param.numel())
         flat.store_moments(
             whole, _memory_order(exp_avg, param), _memory_order(exp_avg_sq, param), state["step"]
@@ -410,16 +411,36 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _FlatState:
-    """One param's state as 1-D views in the param's memory order, read and written a chunk
-    (a slice of whole blocks, but for the last) at a time."""
+    """A state's tensors as 1-D buffers in memory order, read and written a chunk (a slice of
+    whole blocks, but for the last) at a time: one param's own tensors (`of`), or the
+    concatenated tensors of a pack of small params (then ``local_indices`` gives each
+    element's index within its own param, which seeds the stochastic rounding)."""
 
-    def __init__(self, state: dict[str, Any], work: torch.dtype) -> None:
-        self.layout = layout_of(state)
+    def __init__(
+        self,
+        layout: str,
+        work: torch.dtype,
+        buffers: list[torch.Tensor],
+        scales: list[torch.Tensor] | None = None,
+        local_indices: torch.Tensor | None = None,
+    ) -> None:
+        self.layout = layout
         self.work = work
-        self.exp_avg = _flat(state["exp_avg"])
-        self.exp_avg_sq = _flat(state["exp_avg_sq"])
-        self.delta = _flat(state["slow_delta"])
-        self.scales = [state[key] for key in SCALE_KEYS] if self.layout == "8bit" else []
+        self.exp_avg, self.exp_avg_sq, self.delta = buffers
+        self.scales = scales or []
+        self.local_indices = local_indices
+
+    @classmethod
+    def of(cls, state: dict[str, Any], work: torch.dtype) -> _FlatState:
+        layout = layout_of(state)
+        buffers = [_flat(state[key]) for key in (*MOMENT_KEYS, "slow_delta")]
+        scales = [state[key] for key in SCALE_KEYS] if layout == "8bit" else None
+        return cls(layout, work, buffers, scales)
+
+    def indices(self, part: slice, device: torch.device) -> torch.Tensor:
+        if self.local_indices is not None:
+            return self.local_indices[part]
+        return _indices(part, device)
 
     def load(self, part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(m, v, d) of the elements ``part``, decoded to the working dtype (new tensors)."""
@@ -442,7 +463,7 @@ class _FlatState:
             self.exp_avg[part].copy_(exp_avg)
             self.exp_avg_sq[part].copy_(exp_avg_sq)
             return
-        offsets = random16(_indices(part, exp_avg.device), step)
+        offsets = random16(self.indices(part, exp_avg.device), step)
         exp_avg_sq = exp_avg_sq.float()
         if self.layout == "16bit":
             self.exp_avg[part].copy_(exp_avg)
@@ -499,9 +520,10 @@ def low_memory_ranger(
 
     chunk = chunk_numel(sum(param.numel() for param in params))
     gc_min_dim = (3 if gc_conv_only else 1) if use_gc else math.inf
-    for param, grad, state, step in zip(params, grads, states, steps):
+
+    def values_at(step: int) -> StepValues:
         multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
-        values = StepValues(
+        return StepValues(
             decay=1.0 - lr * weight_decay,
             beta1_weight=1.0 - beta1,
             beta2=beta2,
@@ -513,7 +535,77 @@ def low_memory_ranger(
             sync=step % lookahead_k == 0,
             step=step,
         )
-        _step_param(param, grad, state, values, param.dim() > gc_min_dim, chunk)
+
+    packs, singles = _packs_and_singles(params, states, steps, chunk)
+    for pack in packs:
+        centralize = [params[i].dim() > gc_min_dim for i in pack]
+        pack_params = [params[i] for i in pack]
+        pack_grads = [grads[i] for i in pack]
+        pack_states = [states[i] for i in pack]
+        _step_pack(pack_params, pack_grads, pack_states, values_at(steps[pack[0]]), centralize)
+    for i in singles:
+        centralize_one = params[i].dim() > gc_min_dim
+        _step_param(params[i], grads[i], states[i], values_at(steps[i]), centralize_one, chunk)
+
+
+def _packs_and_singles(
+    params: list[torch.Tensor], states: list[dict[str, Any]], steps: list[int], chunk: int
+) -> tuple[list[list[int]], list[int]]:
+    """Positions of the small params to step together (packs of one step, dtype, device and
+    layout, up to a chunk of elements each), and of the params to step one by one."""
+    open_packs: dict[tuple, list[int]] = {}
+    packs: list[list[int]] = []
+    singles: list[int] = []
+    sizes: dict[tuple, int] = {}
+    for index, (param, state) in enumerate(zip(params, states)):
+        layout = layout_of(state)
+        if layout == "8bit" or param.numel() >= chunk or not param.is_contiguous():
+            singles.append(index)
+            continue
+        key = (steps[index], param.dtype, param.device, layout)
+        if key not in open_packs or sizes[key] + param.numel() > chunk:
+            open_packs[key], sizes[key] = [], 0
+            packs.append(open_packs[key])
+        open_packs[key].append(index)
+        sizes[key] += param.numel()
+    return packs, singles
+
+
+def _step_pack(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    values: StepValues,
+    centralize: list[bool],
+) -> None:
+    """Small params stepped as one chunk: their tensors concatenated, stepped, and copied
+    back, a few operations for the pack where each param alone would take some thirty."""
+    work = state_dtype(params[0])
+    numels = [param.numel() for param in params]
+    flat_param = torch.cat([param.reshape(-1) for param in params])
+    gradient = torch.cat([grad.reshape(-1) for grad in grads]).to(work)
+    for rows, param, wanted in zip(gradient.split(numels), params, centralize):
+        if wanted and param.numel():
+            rows = rows.view(param.shape[0], -1)
+            rows.sub_(rows.mean(dim=1, keepdim=True))
+    keys = (*MOMENT_KEYS, "slow_delta")
+    buffers = [torch.cat([state[key].reshape(-1) for state in states]) for key in keys]
+    layout = layout_of(states[0])
+    local = _local_indices(numels, params[0].device) if layout == "16bit" else None
+    flat_state = _FlatState(layout, work, buffers, local_indices=local)
+    _step_chunk(flat_param, gradient, flat_state, slice(0, flat_param.numel()), values)
+    for key, buffer in zip(keys, buffers):
+        torch._foreach_copy_([state[key].view(-1) for state in states], buffer.split(numels))
+    torch._foreach_copy_([param.view(-1) for param in params], flat_param.split(numels))
+
+
+def _local_indices(numels: list[int], device: torch.device) -> torch.Tensor:
+    """Each element's index within its own param, for params laid end to end."""
+    total = sum(numels)
+    starts = torch.tensor(list(itertools.accumulate([0, *numels[:-1]])), device=device)
+    counts = torch.tensor(numels, device=device)
+    offsets = torch.repeat_interleave(starts, counts, output_size=total)
+    return torch.arange(total, device=device).sub_(offsets)
 
 
 @dataclass(frozen=True)
@@ -545,7 +637,7 @@ def _step_param(
     target = param if _is_dense(param) else param.contiguous()
     grad, row_means, row_length = _prepared_gradient(grad, target, work, centralize)
     flat_param, flat_grad = _flat(target), _flat(grad)
-    flat_state = _FlatState(state, work)
+    flat_state = _FlatState.of(state, work)
     for start in range(0, param.numel(), chunk):
         part = slice(start, min(start + chunk, param.numel()))
         gradient = flat_grad[part].to(work, copy=True)
