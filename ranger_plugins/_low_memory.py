@@ -55,7 +55,6 @@ checkpoint saved in another mode, changing a group's ``state_precision``, ``mode
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -600,12 +599,9 @@ def _step_pack(
 
 
 def _local_indices(numels: list[int], device: torch.device) -> torch.Tensor:
-    """Each element's index within its own param, for params laid end to end."""
-    total = sum(numels)
-    starts = torch.tensor(list(itertools.accumulate([0, *numels[:-1]])), device=device)
-    counts = torch.tensor(numels, device=device)
-    offsets = torch.repeat_interleave(starts, counts, output_size=total)
-    return torch.arange(total, device=device).sub_(offsets)
+    """Each element's index within its own param, for params laid end to end (built on the
+    device: copying a host list to an accelerator would wait for it)."""
+    return torch.cat([torch.arange(numel, device=device) for numel in numels])
 
 
 @dataclass(frozen=True)
