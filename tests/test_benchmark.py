@@ -149,3 +149,77 @@ def check_family_run(bench, run, out, report, ranger_part):
     # A second family run rewrites the family part in place, the rest kept.
     bench.write_family_report(run, report)
     assert report.read_text() == text
+
+
+@pytest.mark.slow
+def test_benchmark_low_memory_quick_run_measures_every_precision(tmp_path, capsys):
+    bench = _load_bench()
+    report = tmp_path / "performance.md"
+    report.write_text(
+        f"# Performance\n\nKept above.\n\n{bench.LOW_MEMORY_BEGIN}\nold figures\n"
+        f"{bench.LOW_MEMORY_END}\n\nKept below.\n"
+    )
+    threads = torch.get_num_threads()
+    try:
+        run = bench.main(
+            ["--quick", "--low-memory", "--rounds", "1", "--threads", "1", "--device", "cpu"]
+            + ["--workloads", "bert,small800", "--report", str(report)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+
+    # The fused low-memory rows are there exactly when the kernel runs them here (detected).
+    fused, _ = bench.low_memory_fused_precisions(torch.device("cpu"))
+    expected = [row.name for row in bench.build_low_memory_rows(fused)]
+    assert expected[:2] == ["Ranger full, default", "Ranger full, fused"]
+    assert {"Ranger 16bit, default", "Ranger 8bit, default", bench.ADAMW} <= set(expected)
+    # The 8-bit peers are optional: timed where importable, else named with the reason.
+    peers = {name for name, _ in bench.EIGHT_BIT_PEERS}
+    assert [w.name for w in run.workloads] == ["bert", "small800"]
+    for workload in run.workloads:
+        timed = [row.name for row in workload.rows]
+        skipped = [name for name, _ in workload.skipped]
+        assert sorted(timed + skipped) == sorted(expected)
+        assert set(skipped) <= peers
+        for row in workload.rows:
+            assert row.ms > 0 and row.x_floor > 0, row.name
+            state, peak = workload.memory[row.name]
+            assert state > 0 and peak >= 0, row.name
+        check_low_memory_state(bench, workload)
+        assert f"{workload.rows[0].name:<28}" in out  # the printed table, a line per row
+    text = report.read_text()
+    for name, note in run.workloads[0].skipped:  # a skipped peer's row says why
+        assert f"| {name} | not measured: {note.removeprefix('skipped: ')} |" in text
+    assert text.startswith("# Performance\n\nKept above.\n\n" + bench.LOW_MEMORY_BEGIN)
+    assert text.endswith(bench.LOW_MEMORY_END + "\n\nKept below.\n")
+    assert "old figures" not in text
+    assert "`python benchmarks/bench.py --quick --low-memory --rounds 1" in text
+    for name in expected:
+        assert f"| **{name}** |" in text or f"| {name} |" in text, name
+    for kind in bench.LOW_MEMORY_FLOORS:  # a sentence per kind of row, saying its floor
+        assert f"- {kind}: " in text
+
+
+def check_low_memory_state(bench, workload):
+    """State bytes per param, from the benchmark's own allocator measurement: 12 / 6 / about
+    4.03 on the params of at least 4096 elements for full / 16bit / 8bit, whatever the path;
+    over the whole workload, the 8-bit row pays the 16bit layout's 6 on its small params."""
+    floors = {"full": 28, "16bit": 24}
+    for row in workload.rows:
+        if not row.name.startswith("Ranger "):
+            continue
+        precision = row.name.split()[1].rstrip(",")
+        large = workload.large_state[row.name]
+        whole = workload.memory[row.name][0] / workload.numel
+        if precision == "8bit":
+            assert 4.0 < large <= 4.1, row.name
+            assert large < whole < 6.0, row.name
+            assert 20 < row.floor_bytes < 24, row.name  # weighted: 20 large, 24 small
+        else:
+            expected = {"full": 12.0, "16bit": 6.0}[precision]
+            assert large == pytest.approx(expected, abs=1e-3), row.name
+            assert whole == pytest.approx(expected, abs=1e-3), row.name
+            assert row.floor_bytes == floors[precision], row.name
+    adamw = workload.large_state[bench.ADAMW]
+    assert adamw == pytest.approx(8.0, abs=0.01)  # m and v in fp32 (and a scalar step)
