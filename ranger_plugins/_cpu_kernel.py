@@ -6,6 +6,10 @@ with Gradient Centralization on. It covers CPU params of float32/float64 (state 
 dtype) and bfloat16/float16 (float32 state); `fused_ranger` steps any other param with the
 default path.
 
+A second entry point steps params whose state is in the low-memory layouts of
+`_low_memory` ("16bit", "8bit"; ``csrc/ranger_low_memory.cpp``), for `_fused`'s
+`fused_low_memory_step`.
+
 It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) for
 the vector width torch itself dispatches to on this CPU, then loaded from torch's extension
 cache. The first build says so on stderr; where no build is possible, one warning names the
@@ -23,13 +27,19 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "ranger_rows.cpp"
+_SOURCES = [
+    Path(__file__).with_name("csrc") / name for name in ("ranger_rows.cpp", "ranger_low_memory.cpp")
+]
+# Bumped whenever the extension gains or changes an entry point, so that a build cached by
+# an older version (in torch's extension cache, keyed by name) is not loaded.
+_BUILD_VERSION = 2
 _PACKAGE_DIR = str(Path(__file__).parent)
 
-_kernel: Callable[..., list[int]] | None = None
+_kernel: Any = None  # the loaded extension module
 _unavailable = False  # the build failed once: do not retry every step
 enabled = True  # tests switch it off to exercise the fallback
 
@@ -56,9 +66,9 @@ def _quiet_torch_build_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _build() -> Callable[..., list[int]]:
+def _build() -> Any:
     tag, flags = _vector_flags()
-    name = f"ranger_plugins_step_{tag}"
+    name = f"ranger_plugins_step_v{_BUILD_VERSION}_{tag}"
     with _quiet_torch_build_logs():
         from torch.utils import cpp_extension
 
@@ -72,20 +82,44 @@ def _build() -> Callable[..., list[int]]:
             )
         module = cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
-            # Vectorized sqrt needs no errno; no contracted multiply-adds, so the arithmetic
-            # rounds like the default path's separate operations.
-            extra_cflags=["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", *flags],
+            sources=[str(source) for source in _SOURCES],
+            # Vectorized sqrt needs no errno, and if-converted selects between arithmetic need
+            # no FP-exception traps (torch builds so too; neither changes a value); no
+            # contracted multiply-adds, so the arithmetic rounds like the default path's
+            # separate operations (the low-memory step fuses with explicit std::fma exactly
+            # where torch's own kernels do).
+            extra_cflags=[
+                "-O3",
+                "-fopenmp-simd",
+                "-fno-math-errno",
+                "-fno-trapping-math",
+                "-ffp-contract=off",
+                *flags,
+            ],
             build_directory=build_dir,
             verbose=False,
         )
-    return module.ranger_step_
+    return module
 
 
 def step_kernel() -> Callable[..., list[int]] | None:
     """``ranger_step_(params, grads, exp_avgs, exp_avg_sqs, slows, hyperparameters,
     gc_min_dim, adaptive, sync) -> positions not stepped``, or None where it cannot be
     built (or `enabled` is off)."""
+    module = _module()
+    return None if module is None else module.ranger_step_
+
+
+def low_memory_step_kernel() -> Callable[..., list[int]] | None:
+    """``ranger_step_low_memory_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales,
+    exp_avg_sq_scales, slow_deltas, hyperparameters, gc_min_dim, adaptive, sync, step) ->
+    positions not stepped``, or None where it cannot be built (or `enabled` is off)."""
+    module = _module()
+    return getattr(module, "ranger_step_low_memory_", None)
+
+
+def _module() -> Any:
+    """The extension module, built and loaded on first use; None where it cannot be."""
     global _kernel, _unavailable
     if not enabled or _unavailable:
         return None

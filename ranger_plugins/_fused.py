@@ -11,6 +11,11 @@ default multi-tensor path, which computes the same values.
 
 Unlike the default path, the fused step does not write the centralized gradient back into
 ``p.grad`` (that write would add a quarter to its memory traffic).
+
+The low-memory state layouts (``state_precision="16bit"`` or ``"8bit"``, see `_low_memory`)
+have their own kernel entry point: `fused_low_memory_ranger` steps the params it fits in one
+C++ call per step count and the rest (the ``delta`` layout, fp64 params, accelerators,
+mismatched strides) with `_low_memory.low_memory_ranger`, which computes the same bits.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import _cpu_kernel
+from ._low_memory import low_memory_ranger
 from ._math import rectification
 from ._multi_tensor import _multi_tensor_ranger
 from ._state import PLAIN_TENSOR_TYPES
@@ -112,5 +118,98 @@ def _kernel_step(
         gc_min_dim,
         adaptive,
         sync,
+    )
+    return [indices[i] for i in not_stepped]
+
+
+# ----------------------------------------------------------------------------- low memory
+
+
+def fused_low_memory_ranger(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict],
+    steps: list[int],
+    **hyperparameters,
+) -> None:
+    """The fused step on low-memory states; same arguments as `low_memory_ranger`."""
+    not_stepped = fused_low_memory_step(params, grads, states, steps, **hyperparameters)
+    if not_stepped:
+        rest = [[values[i] for i in not_stepped] for values in (params, grads, states, steps)]
+        low_memory_ranger(*rest, **hyperparameters)  # type: ignore[arg-type]
+
+
+def fused_low_memory_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict],
+    steps: list[int],
+    **hyperparameters,
+) -> list[int]:
+    """The C++ kernel's step on the params whose state is in the ``16bit`` or ``8bit``
+    layout; returns the positions of the params it did not step, for the torch path (all of
+    them where the kernel cannot be built)."""
+    kernel = _cpu_kernel.low_memory_step_kernel() if _kernel_may_apply(params) else None
+    if kernel is None:
+        return list(range(len(params)))
+    # The kernel tells the two layouts apart by exp_avg's dtype (and refuses "delta", fp32);
+    # "full" has no slow_delta at all.
+    candidates = [index for index, state in enumerate(states) if "slow_delta" in state]
+    not_stepped = [index for index, state in enumerate(states) if "slow_delta" not in state]
+    for indices in _indices_by_step([steps[i] for i in candidates]):
+        chosen = [candidates[i] for i in indices]
+        not_stepped += _low_memory_kernel_step(
+            kernel, params, grads, states, steps, chosen, **hyperparameters
+        )
+    return sorted(not_stepped)
+
+
+def _low_memory_kernel_step(
+    kernel,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict],
+    steps: list[int],
+    indices: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    lookahead_k: int,
+    lookahead_alpha: float,
+    use_gc: bool,
+    gc_conv_only: bool,
+    rectify_threshold: float,
+) -> list[int]:
+    """One kernel call on the params at ``indices`` (one step count); returns the positions
+    (in the full lists) of the params it could not step."""
+    step = steps[indices[0]]
+    multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
+    hyperparameters = [
+        1.0 - lr * weight_decay,  # decay
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        eps,
+        -lr * multiplier,  # the step size, negated
+        1.0 - lookahead_alpha,  # what a sync keeps of slow_delta: fast - (1 - alpha) * d
+    ]
+    chosen = [states[i] for i in indices]
+    no_scale = torch.empty(0)  # 16bit params have no block scales
+    not_stepped = kernel(
+        [params[i] for i in indices],
+        [grads[i] for i in indices],
+        [state["exp_avg"] for state in chosen],
+        [state["exp_avg_sq"] for state in chosen],
+        [state.get("exp_avg_scale", no_scale) for state in chosen],
+        [state.get("exp_avg_sq_scale", no_scale) for state in chosen],
+        [state["slow_delta"] for state in chosen],
+        hyperparameters,
+        (3 if gc_conv_only else 1) if use_gc else _NO_GC,
+        adaptive,
+        step % lookahead_k == 0,
+        step,
     )
     return [indices[i] for i in not_stepped]

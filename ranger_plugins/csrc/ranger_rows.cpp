@@ -230,10 +230,22 @@ std::vector<int64_t> ranger_step_(const std::vector<at::Tensor>& params,
   return not_stepped;
 }
 
+// ranger_low_memory.cpp: the step for the low-memory state layouts ("16bit", "8bit").
+std::vector<int64_t> ranger_step_low_memory_(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+    const std::vector<at::Tensor>& exp_avg_scales, const std::vector<at::Tensor>& exp_avg_sq_scales,
+    const std::vector<at::Tensor>& slow_deltas, const std::vector<double>& hyperparameters,
+    int64_t gc_min_dim, bool adaptive, bool sync, int64_t step);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // Other Python threads (data loading) run while a step streams memory.
   module.def("ranger_step_", &ranger_step_,
              "One fused Ranger step on lists of per-param tensors; returns the positions of "
              "the params it could not step",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("ranger_step_low_memory_", &ranger_step_low_memory_,
+             "One fused Ranger step on lists of per-param tensors whose state is in the 16bit "
+             "or 8bit layout; returns the positions of the params it could not step",
              pybind11::call_guard<pybind11::gil_scoped_release>());
 }
