@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -51,7 +52,13 @@ except ModuleNotFoundError as error:  # a core-only install
 
 from ._base import LookaheadOptimizer
 from .family import OPTIMIZERS, optimizer_class
-from .lookahead import LookaheadControls, check_weights_after_fit
+from .lookahead import (
+    LookaheadControls,
+    check_weights_after_fit,
+    slow_weights_key,
+    slow_weights_of,
+    sync_one_,
+)
 from .ranger import Ranger
 from .ranger21 import Ranger21
 from .ranger_lars import RangerLars
@@ -122,6 +129,7 @@ def ranger(
     *,
     foreach: bool | None = None,
     fused: bool = False,
+    state_precision: str = "full",
 ) -> RangerOptimWrapper:
     """Ranger as a fastai `opt_func`: ``Learner(dls, model, opt_func=ranger)``.
 
@@ -153,6 +161,11 @@ def ranger(
         foreach: force (True) or forbid (False) the multi-tensor implementation.
         fused: the opt-in fused step (see ``ranger_plugins.Ranger``); same results as the
             default path.
+        state_precision: how the optimizer state is stored: ``"full"`` (default),
+            ``"delta"``, ``"16bit"`` or ``"8bit"`` (``opt_func=partial(ranger,
+            state_precision="8bit")``: about 4 bytes of state per param instead of 12; see
+            ``ranger_plugins._low_memory``). Ranger's own option: the variants' opt_funcs do
+            not take it.
 
     Returns:
         A `RangerOptimWrapper` (a fastai `OptimWrapper`); the core optimizer is its
@@ -180,6 +193,7 @@ def ranger(
             rectify_threshold=rectify_threshold,
             foreach=foreach,
             fused=fused,
+            state_precision=state_precision,
         ),
     )
 
@@ -365,12 +379,67 @@ def _params_of(core: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [param for group in core.param_groups for param in group["params"]]
 
 
-class _TrainingStateBeforeFinish:
-    """What ``finish_training`` overwrote, per param with slow weights: its fast weights and,
-    for ``"synced"`` (which moves them too), its slow weights. `restore` puts them back."""
+@dataclass
+class _Kept:
+    """One param's training state from before the finish."""
 
-    def __init__(self, entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]):
-        self.entries = entries  # (param, fast weights, slow weights or None)
+    param: torch.Tensor
+    fast: torch.Tensor  # its fast weights
+    key: str  # the form its slow weights had (`slow_weights_key`)
+    slow: torch.Tensor | None  # the tensor under `key`, where the finish changed it
+    alpha: float | None  # the alpha a "synced" finish of a "slow_delta" used
+
+    def finished_weights(self) -> torch.Tensor | None:
+        """In the ``slow_delta`` form, what the finish left in the param, done again from
+        what it was given (the slow weights no longer tell: after a finish they are the
+        fast weights, whatever the model holds); None in the ``slow_param`` form."""
+        if self.key != "slow_delta" or self.slow is None:
+            return None
+        weights = self.fast.clone()
+        if self.alpha is None:  # "slow": `load_slow_weights`
+            weights.copy_(slow_weights_of(weights, {"slow_delta": self.slow}))
+        else:  # "synced": `sync_lookahead`
+            sync_one_(weights, {"slow_delta": self.slow.clone()}, self.alpha)
+        return weights
+
+    def slow_weights(self, state: dict) -> torch.Tensor:
+        """The slow weights to restore, as values (for a state now in the other form);
+        before the param is restored."""
+        if self.key == "slow_delta":
+            return slow_weights_of(self.fast, {"slow_delta": self.slow})
+        if self.slow is not None:
+            return self.slow
+        return slow_weights_of(self.param, state).clone()  # a "slow" finish left them
+
+
+def _store_slow_weights(param: torch.Tensor, state: dict, slow: torch.Tensor) -> None:
+    """Write the slow weights ``slow`` into ``state`` in its own form (after the param
+    holds its fast weights)."""
+    key = slow_weights_key(state)
+    if key == "slow_param":
+        state[key].copy_(slow)
+    else:
+        state[key].copy_(param.detach().to(slow.dtype) - slow)  # d = fast - slow
+
+
+def _still_finished(entry: _Kept, state: dict) -> bool:
+    param = entry.param
+    if slow_weights_key(state) is None:
+        return False
+    if not torch.equal(param, slow_weights_of(param, state).to(param.dtype)):
+        return False
+    finished = entry.finished_weights()
+    return finished is None or torch.equal(param, finished)
+
+
+class _TrainingStateBeforeFinish:
+    """What ``finish_training`` overwrote, per param with slow weights: its fast weights and
+    the state tensor of its slow weights where the finish changed it (``slow_param`` for
+    ``"synced"``; ``slow_delta``, which both ``"synced"`` and ``"slow"`` zero). `restore`
+    puts them back."""
+
+    def __init__(self, entries: list[_Kept]):
+        self.entries = entries
 
     @classmethod
     @torch.no_grad()
@@ -378,59 +447,107 @@ class _TrainingStateBeforeFinish:
         """The state that ``core.finish_training(weights_after_fit)`` is about to replace."""
         if weights_after_fit == "fast":
             return None  # finish_training changes nothing
-        keep_slow = weights_after_fit == "synced"
+        synced = weights_after_fit == "synced"
         entries = []
-        for param in _params_of(core):
-            slow = core.state.get(param, {}).get("slow_param")
-            if slow is not None:
-                entries.append(
-                    (param, param.detach().clone(), slow.detach().clone() if keep_slow else None)
-                )
+        for group in core.param_groups:
+            for param in group["params"]:
+                state = core.state.get(param, {})
+                key = slow_weights_key(state)
+                if key is None:
+                    continue
+                delta = key == "slow_delta"
+                slow = state[key].detach().clone() if delta or synced else None
+                alpha = float(group["lookahead_alpha"]) if delta and synced else None
+                entries.append(_Kept(param, param.detach().clone(), key, slow, alpha))
         return cls(entries) if entries else None
 
+    @torch.no_grad()
     def still_finished(self, core: Any) -> bool:
-        """Whether every param still holds the slow weights the finish left it (nothing
-        loaded, reset or trained since)."""
-        for param, _, _ in self.entries:
-            slow = core.state.get(param, {}).get("slow_param")
-            if slow is None or not torch.equal(param, slow.to(param.dtype)):
-                return False
-        return True
+        """Whether every param still holds the weights the finish left it, and they are its
+        slow weights (nothing loaded, reset or trained since)."""
+        return all(
+            _still_finished(entry, core.state.get(entry.param, {})) for entry in self.entries
+        )
 
     @torch.no_grad()
     def restore(self, core: Any) -> None:
-        for param, fast, slow in self.entries:
-            param.copy_(fast)
-            if slow is not None:
-                core.state[param]["slow_param"].copy_(slow)
+        for entry in self.entries:
+            state = core.state[entry.param]
+            if slow_weights_key(state) == entry.key:
+                entry.param.copy_(entry.fast)
+                if entry.slow is not None:
+                    state[entry.key].copy_(entry.slow)
+                continue
+            # The state was converted to the other form since (a checkpoint loaded into
+            # another `state_precision`): through the slow weights' values.
+            slow = entry.slow_weights(state)
+            entry.param.copy_(entry.fast)
+            _store_slow_weights(entry.param, state, slow)
 
-    def to_state(self, params: list[torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
-        """Tensors keyed by the params' indices in ``params`` (plain data for ``torch.save``)."""
+    def to_state(self, params: list[torch.Tensor]) -> dict[str, dict[int, Any]]:
+        """Tensors (and floats) keyed by the params' indices in ``params`` (plain data for
+        ``torch.save``, loadable with ``weights_only=True``)."""
         index = {id(param): i for i, param in enumerate(params)}
-        return {
-            "fast": {index[id(param)]: fast for param, fast, _ in self.entries},
-            "slow_param": {index[id(p)]: slow for p, _, slow in self.entries if slow is not None},
-        }
+        saved: dict[str, dict[int, Any]] = {key: {} for key in _SAVED_KEYS}
+        for entry in self.entries:
+            i = index[id(entry.param)]
+            saved["fast"][i] = entry.fast
+            if entry.slow is not None:
+                saved[entry.key][i] = entry.slow
+            if entry.alpha is not None:
+                saved["alpha"][i] = entry.alpha
+        return saved
 
     @classmethod
     def from_state(cls, saved: Any, params: list[torch.Tensor]) -> _TrainingStateBeforeFinish:
-        """The inverse of `to_state`; a ``ValueError`` unless ``saved`` fits ``params``."""
-        fast = saved.get("fast") if isinstance(saved, dict) else None
-        slow = saved.get("slow_param") if isinstance(saved, dict) else None
-        if not (isinstance(fast, dict) and isinstance(slow, dict) and slow.keys() <= fast.keys()):
-            raise ValueError(f"{BEFORE_FINISH_KEY!r} needs dicts 'fast' and 'slow_param'")
+        """The inverse of `to_state` (also of what versions without ``slow_delta`` wrote); a
+        ``ValueError`` unless ``saved`` fits ``params``."""
+        fast, slow_param, slow_delta, alpha = _checked_saved_dicts(saved)
+        slows = {**slow_param, **slow_delta}
         entries = []
         for index, fast_weights in fast.items():
-            param = _param_fitting(params, index, fast_weights, slow.get(index, fast_weights))
-            slow_weights = slow.get(index)
+            key = "slow_delta" if index in slow_delta else "slow_param"
+            slow = slows.get(index)
+            param = _param_fitting(
+                params, index, fast_weights, fast_weights if slow is None else slow
+            )
             entries.append(
-                (
+                _Kept(
                     param,
                     fast_weights.to(param.device, param.dtype),
-                    None if slow_weights is None else slow_weights.to(param.device),
+                    key,
+                    None if slow is None else slow.to(param.device),
+                    None if index not in alpha else float(alpha[index]),
                 )
             )
         return cls(entries)
+
+
+# The dicts of a saved `_TrainingStateBeforeFinish`: the fast weights, the saved slow-weights
+# tensors of each form, the alphas of "synced" finishes in the "slow_delta" form.
+_SAVED_KEYS = ("fast", "slow_param", "slow_delta", "alpha")
+
+
+def _checked_saved_dicts(saved: Any) -> tuple[dict, dict, dict, dict]:
+    """The dicts of a saved `_TrainingStateBeforeFinish`, or a ``ValueError``."""
+    if not isinstance(saved, dict):
+        saved = {}
+    fast, slow_param = saved.get("fast"), saved.get("slow_param")
+    slow_delta, alpha = saved.get("slow_delta", {}), saved.get("alpha", {})
+    dicts = (fast, slow_param, slow_delta, alpha)
+    if not (
+        all(isinstance(value, dict) for value in dicts)
+        and slow_param.keys() <= fast.keys()
+        and slow_delta.keys() <= fast.keys()
+        and not slow_param.keys() & slow_delta.keys()
+        and alpha.keys() <= slow_delta.keys()
+        and all(isinstance(value, (int, float)) for value in alpha.values())
+    ):
+        raise ValueError(
+            f"{BEFORE_FINISH_KEY!r} needs dicts 'fast' and 'slow_param' (and optionally "
+            "'slow_delta' and 'alpha') of the kept tensors by param index"
+        )
+    return fast, slow_param, slow_delta, alpha
 
 
 def _param_fitting(params: list[torch.Tensor], index: Any, *saved: Any) -> torch.Tensor:
@@ -630,7 +747,10 @@ class LookaheadCallback(Callback):
       ``fit(2)``. Unless the model or the optimizer state changed in between (``load`` of
       other weights, ``freeze``/``unfreeze``, which reset the state): then it trains on from
       what the model holds. The kept copy (the fast weights and, for ``"synced"``, the slow
-      weights) lives until the next ``fit``; ``"fast"`` changes nothing and keeps nothing.
+      weights; in Ranger's low-memory ``state_precision``, their bf16 difference
+      ``slow_delta`` for ``"synced"`` and ``"slow"``) lives until the next ``fit``;
+      ``"fast"`` changes nothing and keeps nothing. A Learner saved in one
+      ``state_precision`` and loaded into another trains on from the same weights.
 
     Params that have not stepped yet have no slow weights and are evaluated as they are.
     The order (55) puts ``after_fit`` before the trackers' (60), so ``SaveModelCallback``

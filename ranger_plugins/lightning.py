@@ -39,7 +39,7 @@ from typing_extensions import override
 from ._base import LookaheadOptimizer
 from ._math import check_gc_supported
 from .family import optimizer_class
-from .lookahead import LookaheadControls, check_weights_after_fit
+from .lookahead import LookaheadControls, check_weights_after_fit, slow_weights_key
 from .param_groups import no_decay_param_groups
 from .ranger import Ranger
 from .ranger21 import Ranger21
@@ -142,9 +142,10 @@ def ranger_optimizers(
             and RangerLars 0, Ranger21 1e-4).
         exclude_bias_and_norm: give biases and normalisation layers no weight decay.
         **optimizer_kwargs: passed on to the optimizer's class, under its own names
-            (``betas``, ``eps``, ``k``, ``alpha``, ``use_gc``; RangerQH's ``nus`` and
-            ``decouple_weight_decay``, RangerVA's ``amsgrad``, Ranger21's
-            ``norm_loss_factor``, ...).
+            (``betas``, ``eps``, ``k``, ``alpha``, ``use_gc``; Ranger's ``state_precision``
+            (``"full"``, ``"delta"``, ``"16bit"``, ``"8bit"``: the low-memory optimizer
+            state), RangerQH's ``nus`` and ``decouple_weight_decay``, RangerVA's
+            ``amsgrad``, Ranger21's ``norm_loss_factor``, ...).
 
     Ranger21 brings its own warmup and warmdown (``use_warmup``, ``warmdown_active``).
     With ``schedule="flat_cos"`` or ``"one_cycle"`` they are turned off, so the step uses
@@ -279,8 +280,10 @@ def _copy_each(destinations: list[torch.Tensor], sources: list[torch.Tensor]) ->
 
 class _TrainingStateBeforeFinish:
     """The tensors ``finish_training`` overwrites, as they were: the fast weights (unless
-    ``weights_after_fit="fast"``, which changes nothing) and, for ``"synced"``, which moves
-    them too, the optimizers' slow weights. `restored` puts them back for a while."""
+    ``weights_after_fit="fast"``, which changes nothing) and the state tensor of the slow
+    weights where it changes too: ``slow_param`` for ``"synced"``, and ``slow_delta`` (fast -
+    slow, in `Ranger`'s low-memory ``state_precision``), which ``"synced"`` and ``"slow"``
+    both zero. `restored` puts them back for a while."""
 
     def __init__(self, optimizers: list[LookaheadControls], weights_after_fit: str) -> None:
         self.optimizers = optimizers
@@ -288,12 +291,13 @@ class _TrainingStateBeforeFinish:
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 for param in group["params"]:
-                    slow = optimizer.state.get(param, {}).get("slow_param")
-                    if slow is None or weights_after_fit == "fast":
+                    state = optimizer.state.get(param, {})
+                    key = slow_weights_key(state)
+                    if key is None or weights_after_fit == "fast":
                         continue
                     self.targets.append(param)
-                    if weights_after_fit == "synced":
-                        self.targets.append(slow)
+                    if weights_after_fit == "synced" or key == "slow_delta":
+                        self.targets.append(state[key])
         with torch.no_grad():
             self.saved = [target.detach().clone() for target in self.targets]
 
@@ -373,7 +377,9 @@ class LookaheadCallback(*_callback_bases()):  # type: ignore[misc]
       (the fast weights and the optimizer state), so ``fit(ckpt_path=...)`` with a larger
       ``max_epochs`` continues exactly like one longer run. For this the callback keeps a
       copy of what the end of ``fit`` overwrites (the fast weights and, for ``"synced"``, the
-      slow weights) until the next training starts.
+      slow weights; in Ranger's low-memory ``state_precision``, their bf16 difference
+      ``slow_delta`` for ``"synced"`` and ``"slow"``) until the next training starts. A
+      checkpoint resumes in any ``state_precision`` (the optimizer converts its state).
 
     The optimizer does the Lookahead itself (its state holds the slow weights and the step
     counts); this callback only decides which weights the model holds when. Automatic and

@@ -6,7 +6,7 @@ reference run::
 
     python tests/dist_lightning_train.py {ddp,fsdp2} OUT_DIR [--no-gc] [--fused]
         [--stop-and-save CKPT_DIR | --save-after-fit CKPT_DIR | --resume CKPT]
-        [--full-checkpoint]
+        [--full-checkpoint] [--state-precision {full,delta,16bit,8bit}]
 
 ``--stop-and-save`` checkpoints at the end of epoch 0 (``step=8.ckpt``, between two Lookahead
 syncs) and crashes at step 10; ``--save-after-fit`` fits epoch 0 alone (on the schedule of the
@@ -16,8 +16,12 @@ after ``fit``); ``--resume`` starts from another initialisation and resumes from
 checkpoint. Under fsdp2 a checkpoint is a directory of shards (Lightning's
 default), or one file with ``--full-checkpoint`` (``save_distributed_checkpoint=False``).
 
+``--state-precision`` passes Ranger's ``state_precision`` on (with "8bit", the hidden layer
+is wide enough for 8-bit moments); where the step refuses it (FSDP2's DTensor params), each
+rank records the error's message instead.
+
 Each rank writes OUT_DIR/rank{r}.pt with the full (gathered) fast and slow weights, the
-Lookahead step counts, and the validation checks.
+Lookahead step counts, the state's dtypes, and the validation checks.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ranger_plugins import _cpu_kernel
 from ranger_plugins.lightning import LookaheadCallback, ranger_optimizers
+from ranger_plugins.lookahead import slow_weights_key, slow_weights_of
 
 TRAIN = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
 VALID = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
@@ -53,12 +58,17 @@ class DistModel(BoringModel):
         fsdp2: bool = False,
         fused: bool = False,
         total_steps: int | None = None,
+        state_precision: str = "full",
     ) -> None:
         super().__init__()
         self.total_steps = total_steps
         self.fused = fused
+        self.state_precision = state_precision
         torch.manual_seed(0)
-        self.layer = nn.Sequential(nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+        hidden = 128 if state_precision == "8bit" else 16  # 32 x 128: 8-bit moments
+        self.layer = nn.Sequential(
+            nn.Linear(32, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, 4)
+        )
         self.per_rank_batch = per_rank_batch
         self.use_gc = use_gc
         self.fsdp2 = fsdp2
@@ -84,15 +94,23 @@ class DistModel(BoringModel):
             schedule="one_cycle",
             total_steps=self.total_steps,
             fused=self.fused,
+            **({} if self.state_precision == "full" else {"state_precision": self.state_precision}),
         )
 
-    def validation_step(self, batch, batch_idx):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # The slow weights after this step, for validation to compare with: in the
+        # `slow_delta` form they are known only while the model holds the fast weights.
         optimizer = self.trainer.optimizers[0]
+        self.slow_after_step = [
+            _slow(p, optimizer.state[p]) if optimizer.state.get(p) else None
+            for p in self.parameters()
+        ]
+
+    def validation_step(self, batch, batch_idx):
+        slow = getattr(self, "slow_after_step", None)
         self.validated_on_slow_weights.append(
-            len(optimizer.state) > 0
-            and all(
-                _full(p).equal(_full(optimizer.state[p]["slow_param"])) for p in self.parameters()
-            )
+            slow is not None
+            and all(s is not None and _full(p).equal(s) for p, s in zip(self.parameters(), slow))
         )
         return super().validation_step(batch, batch_idx)
 
@@ -114,6 +132,22 @@ class DistModel(BoringModel):
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (gathers a DTensor)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _slow(param: torch.Tensor, state: dict) -> torch.Tensor:
+    """The whole slow weights of a param (in either form of the state)."""
+    return _full(slow_weights_of(param, state)).to(param.dtype)
+
+
+def _state_dtypes(optimizer, params: dict) -> dict[str, dict[str, str]]:
+    return {
+        name: {
+            key: str(value.dtype)
+            for key, value in optimizer.state[param].items()
+            if isinstance(value, torch.Tensor)
+        }
+        for name, param in params.items()
+    }
 
 
 def _checkpoint_callbacks(
@@ -147,6 +181,7 @@ def train(
     resume: bool = False,
     full_checkpoint: bool = False,
     save_after_fit: bool = False,
+    state_precision: str = "full",
 ) -> dict:
     """Fit and return the full fast/slow weights and what validation saw."""
     fsdp2 = strategy == "fsdp2"
@@ -154,7 +189,7 @@ def train(
         torch.manual_seed(1)  # a different init: everything must come from the checkpoint
     # A run of epoch 0 alone follows the schedule of the whole run.
     total_steps = EPOCHS * len(TRAIN) // GLOBAL_BATCH if save_after_fit else None
-    model = DistModel(per_rank_batch, use_gc, fsdp2, fused, total_steps)
+    model = DistModel(per_rank_batch, use_gc, fsdp2, fused, total_steps, state_precision)
     extra_callbacks = _checkpoint_callbacks(stop_at_step, checkpoint, save_after_fit)
     if fsdp2:
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -183,6 +218,10 @@ def train(
         trainer.fit(model, ckpt_path=checkpoint if resume else None)
     except SimulatedCrash:
         pass  # every rank crashes at the same step; what it saved before is what counts
+    except RuntimeError as error:
+        if state_precision == "full":
+            raise
+        return {"rank": trainer.global_rank, "error": str(error)}  # what the user sees
     if save_after_fit:
         trainer.save_checkpoint(os.path.join(checkpoint, "after_fit.ckpt"))
     optimizer = trainer.optimizers[0]
@@ -192,7 +231,12 @@ def train(
         "world_size": trainer.world_size,
         "placements": {n: str(getattr(p, "placements", None)) for n, p in params.items()},
         "fast": {n: _full(p).detach().clone() for n, p in params.items()},
-        "slow": {n: _full(optimizer.state[p]["slow_param"]).clone() for n, p in params.items()},
+        "slow": {
+            n: _slow(p, optimizer.state[p]).clone()
+            for n, p in params.items()
+            if slow_weights_key(optimizer.state[p]) is not None
+        },
+        "state_dtypes": _state_dtypes(optimizer, params),
         "steps": sorted({optimizer.state[p]["step"] for p in params.values()}),
         "global_step": trainer.global_step,
         "validated_on_slow_weights": model.validated_on_slow_weights,
@@ -205,14 +249,23 @@ KERNEL_CALLS: list[tuple[int, int]] = []  # (given, stepped) per call of the C++
 
 
 def _count_kernel_calls() -> None:
-    kernel = _cpu_kernel.step_kernel()
+    """Count the C++ kernel's calls, through `_cpu_kernel.step_kernel` (which `_fused` calls
+    at each step), whatever the kernel's module keeps."""
+    step_kernel = _cpu_kernel.step_kernel
 
-    def counting_kernel(params, *args):
-        not_stepped = kernel(params, *args)
-        KERNEL_CALLS.append((len(params), len(params) - len(not_stepped)))
-        return not_stepped
+    def counting_step_kernel():
+        kernel = step_kernel()
+        if kernel is None:
+            return None
 
-    _cpu_kernel._kernel = counting_kernel
+        def counting_kernel(params, *args):
+            not_stepped = kernel(params, *args)
+            KERNEL_CALLS.append((len(params), len(params) - len(not_stepped)))
+            return not_stepped
+
+        return counting_kernel
+
+    _cpu_kernel.step_kernel = counting_step_kernel
 
 
 def main() -> None:
@@ -241,6 +294,11 @@ def main() -> None:
         resume=resume,
         full_checkpoint="--full-checkpoint" in sys.argv,
         save_after_fit=save_after_fit,
+        state_precision=(
+            sys.argv[sys.argv.index("--state-precision") + 1]
+            if "--state-precision" in sys.argv
+            else "full"
+        ),
     )
     torch.save(result, os.path.join(out_dir, f"rank{result['rank']}.pt"))
     # A clean gloo exit: without this, process teardown can abort with

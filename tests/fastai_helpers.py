@@ -15,8 +15,9 @@ from torch import nn
 N_CLASSES = 3
 
 
-def tiny_model(batchnorm: bool = True) -> nn.Sequential:
-    """Two layer groups: a conv body with BatchNorm, and a linear head."""
+def tiny_model(batchnorm: bool = True, hidden: int = 8) -> nn.Sequential:
+    """Two layer groups: a conv body with BatchNorm, and a linear head (``hidden=1024``
+    gives it a weight of 4096 elements, large enough for 8-bit optimizer state)."""
     body = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
         nn.BatchNorm2d(4) if batchnorm else nn.Identity(),
@@ -24,7 +25,7 @@ def tiny_model(batchnorm: bool = True) -> nn.Sequential:
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
-    head = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, N_CLASSES))
+    head = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, N_CLASSES))
     return nn.Sequential(body, head)
 
 
@@ -70,12 +71,13 @@ def tiny_learner(
     dtype: torch.dtype = torch.float32,
     bs: int = 8,
     batchnorm: bool = True,
+    hidden: int = 8,
     **kwargs,
 ) -> Learner:
     """A quiet Learner on `tiny_model`: the same initial weights and batches for the same
     seed, 6 training batches of 8 per epoch (bs=8), 2 validation batches."""
     torch.manual_seed(seed)
-    model = tiny_model(batchnorm).to(dtype)
+    model = tiny_model(batchnorm, hidden).to(dtype)
     dls = tiny_dls(bs=bs, dtype=dtype)
     kwargs.setdefault("splitter", body_head_splitter)
     kwargs.setdefault("metrics", accuracy)

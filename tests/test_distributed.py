@@ -215,3 +215,45 @@ def test_ranger_optimizers_refuses_fsdp1_flattened_params(sharding_results):
 
 def test_core_ranger_refuses_fsdp1_flat_parameter(sharding_results):
     assert all(rank["fsdp1"]["core_refuses"] for rank in sharding_results)
+
+
+# -- Ranger's low-memory state (state_precision) ------------------------------------------
+
+
+def test_ddp_with_8bit_state_keeps_the_ranks_identical(tmp_path):
+    _run_children("dist_lightning_train.py", "ddp", str(tmp_path), "--state-precision", "8bit")
+    first, second = _load_ranks(tmp_path)
+    assert {first["rank"], second["rank"]} == {0, 1}
+    # 8-bit moments for the 32 x 128 weight, 16-bit ones for the small params, and the slow
+    # weights as a bf16 difference from the fast ones.
+    assert first["state_dtypes"]["layer.0.weight"] == {
+        "exp_avg": "torch.int8",
+        "exp_avg_sq": "torch.uint8",
+        "slow_delta": "torch.bfloat16",
+        "exp_avg_scale": "torch.float32",
+        "exp_avg_sq_scale": "torch.float32",
+    }
+    assert first["state_dtypes"]["layer.2.bias"] == dict.fromkeys(
+        ("exp_avg", "exp_avg_sq", "slow_delta"), "torch.bfloat16"
+    )
+    assert first["state_dtypes"] == second["state_dtypes"]
+    for name in first["fast"]:
+        # Bitwise the same on both ranks (the stochastic rounding hashes the step and the
+        # element index, not a random stream), and the final sync left fast == slow.
+        assert torch.equal(first["fast"][name], second["fast"][name]), name
+        assert torch.equal(first["slow"][name], second["slow"][name]), name
+        assert torch.equal(first["fast"][name], first["slow"][name]), name
+        assert torch.isfinite(first["fast"][name]).all(), name
+    for rank in (first, second):
+        assert rank["steps"] == [16] and rank["global_step"] == 16
+        assert rank["validated_on_slow_weights"] == [True] * 8
+
+
+def test_fsdp2_with_a_low_memory_precision_tells_the_user_to_use_full(tmp_path):
+    # FSDP2's params are DTensors, which the low-memory step does not take: the core's
+    # error reaches the user on every rank (and the ranks end cleanly).
+    _run_children("dist_lightning_train.py", "fsdp2", str(tmp_path), "--state-precision", "8bit")
+    for rank in _load_ranks(tmp_path):
+        message = rank["error"]
+        assert "state_precision" in message and "'full'" in message, message
+        assert "DTensor" in message, message

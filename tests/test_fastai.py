@@ -41,6 +41,7 @@ from ranger_plugins.fastai import (  # noqa: E402
     ranger_qh,
     ranger_va,
 )
+from ranger_plugins.lookahead import slow_weights_of  # noqa: E402
 
 STEPS_PER_EPOCH = 6  # tiny_learner: 48 training samples, bs 8
 
@@ -467,18 +468,30 @@ def _assert_same_training_state(learn, other):
 # With LookaheadCallback, k = 4 and 6 steps per epoch: a fit of one epoch ends between syncs,
 # so the end-of-fit weights differ from the fast weights training goes on from.
 WEIGHTS_AFTER_FIT = ["synced", "slow", "fast"]
+# Ranger's state_precision: the slow weights as `slow_param` ("full") or as `slow_delta`
+# (bf16, which "synced" and "slow" zero at the end of fit); "8bit" with a head large enough
+# for 8-bit moments.
+STATE_PRECISIONS = ["full", "16bit", "8bit"]
 
 
-def _lookahead_learner(weights_after_fit, **kwargs):
-    return tiny_learner(partial(ranger, k=4), cbs=LookaheadCallback(weights_after_fit), **kwargs)
+def _lookahead_learner(weights_after_fit, state_precision="full", **kwargs):
+    kwargs.setdefault("hidden", 1024 if state_precision == "8bit" else 8)
+    return tiny_learner(
+        partial(ranger, k=4, state_precision=state_precision),
+        cbs=LookaheadCallback(weights_after_fit),
+        **kwargs,
+    )
 
 
+@pytest.mark.parametrize("state_precision", STATE_PRECISIONS)
 @pytest.mark.parametrize("weights_after_fit", WEIGHTS_AFTER_FIT)
-def test_fit_then_fit_again_trains_like_one_longer_fit(tmp_path, weights_after_fit):
-    uninterrupted = _lookahead_learner(weights_after_fit)
+def test_fit_then_fit_again_trains_like_one_longer_fit(
+    tmp_path, weights_after_fit, state_precision
+):
+    uninterrupted = _lookahead_learner(weights_after_fit, state_precision)
     uninterrupted.fit(2, 1e-2)
 
-    learn = _lookahead_learner(weights_after_fit, path=tmp_path)
+    learn = _lookahead_learner(weights_after_fit, state_precision, path=tmp_path)
     learn.fit(1, 1e-2)
     after_fit = weights(learn)
     # Neither export (which rebuilds the optimizer from its state dict) nor lr_find (which
@@ -491,12 +504,15 @@ def test_fit_then_fit_again_trains_like_one_longer_fit(tmp_path, weights_after_f
     assert {s["step"] for s in _core(learn).state.values()} == {12}
 
 
+@pytest.mark.parametrize("state_precision", STATE_PRECISIONS)
 @pytest.mark.parametrize("weights_after_fit", WEIGHTS_AFTER_FIT)
-def test_save_after_fit_then_load_trains_on_like_one_longer_fit(tmp_path, weights_after_fit):
-    uninterrupted = _lookahead_learner(weights_after_fit)
+def test_save_after_fit_then_load_trains_on_like_one_longer_fit(
+    tmp_path, weights_after_fit, state_precision
+):
+    uninterrupted = _lookahead_learner(weights_after_fit, state_precision)
     uninterrupted.fit(2, 1e-2)
 
-    first = _lookahead_learner(weights_after_fit, path=tmp_path)
+    first = _lookahead_learner(weights_after_fit, state_precision, path=tmp_path)
     first.fit(1, 1e-2)
     after_fit = weights(first)
     saved = torch.load(first.save("after_fit", with_opt=True), weights_only=True)
@@ -506,7 +522,7 @@ def test_save_after_fit_then_load_trains_on_like_one_longer_fit(tmp_path, weight
     # ...and, beside the optimizer state, the training state they replaced.
     assert (BEFORE_FINISH_KEY in saved["opt"]) == (weights_after_fit != "fast")
 
-    resumed = _lookahead_learner(weights_after_fit, path=tmp_path, seed=1)
+    resumed = _lookahead_learner(weights_after_fit, state_precision, path=tmp_path, seed=1)
     resumed.load("after_fit", with_opt=True)
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), after_fit))
     assert resumed.validate() == first.validate()  # the same evaluation
@@ -514,13 +530,21 @@ def test_save_after_fit_then_load_trains_on_like_one_longer_fit(tmp_path, weight
     _assert_same_training_state(resumed, uninterrupted)
 
 
-def test_after_fit_a_changed_model_or_optimizer_state_is_trained_on_as_it_is(tmp_path):
+@pytest.mark.parametrize("state_precision", STATE_PRECISIONS)
+def test_after_fit_a_changed_model_or_optimizer_state_is_trained_on_as_it_is(
+    tmp_path, state_precision
+):
     """Weights loaded after fit, or an optimizer state reset by freeze: the next fit starts
-    from what the model holds, exactly as a run without the callback that synced by hand."""
+    from what the model holds, exactly as a run without the callback that synced by hand.
+    (In the ``slow_delta`` form the loaded weights are the slow weights too, as the end of
+    fit left them: only the weights themselves tell that they changed.)"""
     runs = {}
     for name, callback in (("callback", True), ("by hand", False)):
         learn = tiny_learner(
-            partial(ranger, k=4), path=tmp_path, cbs=[LookaheadCallback()] if callback else []
+            partial(ranger, k=4, state_precision=state_precision),
+            path=tmp_path,
+            cbs=[LookaheadCallback()] if callback else [],
+            hidden=1024 if state_precision == "8bit" else 8,
         )
         learn.save(f"init-{name}", with_opt=False)
         learn.fit(1, 1e-2)
@@ -1133,3 +1157,159 @@ def test_variant_export_then_load_learner_builds_the_variant_again(tmp_path, nam
     loaded.fit(1, 1e-2)
     assert type(_core(loaded)) is OPTIMIZERS[name]
     assert all(g["lookahead_k"] == 3 for g in _core(loaded).param_groups)
+
+
+# --- Ranger's low-memory state (state_precision) -----------------------------------------
+
+# 8-bit moments need 4096 elements (MIN_8BIT_NUMEL); smaller params keep 16-bit ones.
+LARGE = 4096
+BF16_STATE = dict.fromkeys(("exp_avg", "exp_avg_sq", "slow_delta"), torch.bfloat16)
+EXPECTED_STATE_DTYPES = {
+    "full": lambda p: dict.fromkeys(("exp_avg", "exp_avg_sq", "slow_param"), torch.float32),
+    "16bit": lambda p: BF16_STATE,
+    "8bit": lambda p: (
+        BF16_STATE
+        if p.numel() < LARGE
+        else {
+            "exp_avg": torch.int8,
+            "exp_avg_sq": torch.uint8,
+            "slow_delta": torch.bfloat16,
+            "exp_avg_scale": torch.float32,
+            "exp_avg_sq_scale": torch.float32,
+        }
+    ),
+}
+
+
+def _state_dtypes(state):
+    return {key: value.dtype for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+@pytest.mark.parametrize("state_precision", STATE_PRECISIONS)
+def test_state_precision_trains_and_keeps_the_state_in_its_dtypes(state_precision):
+    learn = tiny_learner(partial(ranger, state_precision=state_precision), hidden=1024)
+    initial_loss = learn.validate()[0]
+    before = weights(learn)
+    learn.fit(2, 1e-2)
+    _assert_trained(learn, before, 2 * STEPS_PER_EPOCH)
+    assert learn.validate()[0] < initial_loss
+    core = _core(learn)
+    assert {group["state_precision"] for group in core.param_groups} == {state_precision}
+    params = list(learn.model.parameters())
+    assert any(p.numel() >= LARGE for p in params) and any(p.numel() < LARGE for p in params)
+    for param in params:
+        assert _state_dtypes(core.state[param]) == EXPECTED_STATE_DTYPES[state_precision](param)
+
+
+def test_a_bad_state_precision_raises_rangers_value_error_before_anything_changes():
+    learn = tiny_learner(partial(ranger, state_precision="4bit"))
+    before = weights(learn)
+    with pytest.raises(ValueError, match="state_precision") as raised:
+        learn.fit(1, 1e-2)
+    assert "'4bit'" in str(raised.value)
+    assert all(choice in str(raised.value) for choice in ("full", "delta", "16bit", "8bit"))
+    assert learn.opt is None
+    assert all(torch.equal(a, b) for a, b in zip(weights(learn), before))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_the_variants_opt_funcs_do_not_take_state_precision(name):
+    # Ranger's option alone: a variant refuses it rather than ignoring it.
+    with pytest.raises(TypeError, match="state_precision"):
+        OPT_FUNCS[name](tiny_model().parameters(), state_precision="8bit")
+
+
+@pytest.mark.parametrize("state_precision", STATE_PRECISIONS)
+def test_validation_on_the_slow_weights_restores_the_fast_weights_bitwise(state_precision):
+    hidden = 1024 if state_precision == "8bit" else 8
+    opt_func = partial(ranger, k=4, state_precision=state_precision)
+    with_callback = tiny_learner(
+        opt_func, cbs=LookaheadCallback(weights_after_fit="fast"), hidden=hidden
+    )
+    plain = tiny_learner(opt_func, hidden=hidden)
+    spies = _WeightsAfterTrain(), _WeightsAfterTrain()
+    with_callback.fit(2, 1e-2, cbs=spies[0])
+    plain.fit(2, 1e-2, cbs=spies[1])
+    for ours, theirs in zip(*(spy.snapshots for spy in spies)):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert all(torch.equal(a, b) for a, b in zip(weights(with_callback), weights(plain)))
+    assert _core_state(with_callback).keys() == _core_state(plain).keys()
+    for index, state in _core_state(with_callback).items():
+        assert all(_equal(v, _core_state(plain)[index][k]) for k, v in state.items())
+    # The validation metrics are the slow weights' (12 steps, k = 4: synced at step 12, so
+    # compare the first epoch's: 6 steps, 2 after the sync at 4).
+    core, valid = _core(with_callback), with_callback.dls.valid
+    fast = weights(with_callback)
+    with core.slow_weights():
+        slow_loss = _loss_on(with_callback, valid)
+    assert with_callback.validate()[0] == pytest.approx(slow_loss, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(weights(with_callback), fast))
+    first_epoch = with_callback.recorder.values[0][1], plain.recorder.values[0][1]
+    assert first_epoch[0] != pytest.approx(first_epoch[1], rel=1e-6)  # slow != fast
+
+
+class _TrainingStateAt(Callback):
+    """The fast weights and the slow weights (as values) at a point of the fit: at the end of
+    training, before `LookaheadCallback.after_fit`, or where the next fit starts training."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def _record(self):
+        core = _core(self.learn)
+        self.fast = weights(self.learn)
+        self.slow = [
+            slow_weights_of(p, core.state[p]).to(p.dtype).clone()
+            for p in self.learn.model.parameters()
+        ]
+
+    def after_train(self):
+        if self.event == "after_train":
+            self._record()
+
+    def before_train(self):
+        if self.event == "before_train":
+            self._record()
+
+
+@pytest.mark.parametrize(
+    ("saved_in", "resumed_in"), [("full", "8bit"), ("8bit", "full"), ("16bit", "8bit")]
+)
+def test_saved_after_fit_in_one_precision_trains_on_in_another(tmp_path, saved_in, resumed_in):
+    first = _lookahead_learner("synced", saved_in, path=tmp_path, hidden=1024)
+    before_finish = _TrainingStateAt("after_train")
+    first.fit(1, 1e-2, cbs=before_finish)
+    first.save("after_fit", with_opt=True)
+
+    resumed = _lookahead_learner("synced", resumed_in, path=tmp_path, seed=1, hidden=1024)
+    resumed.load("after_fit", with_opt=True)
+    at_start = _TrainingStateAt("before_train")
+    resumed.fit(1, 1e-2, cbs=at_start)
+    # Training went on from the fast weights from before the end of fit, exactly, and from
+    # their slow weights up to the bf16 rounding of fast - slow.
+    assert all(torch.equal(a, b) for a, b in zip(at_start.fast, before_finish.fast))
+    for slow, saved, fast in zip(at_start.slow, before_finish.slow, before_finish.fast):
+        assert (slow - saved).abs().max() <= 2**-7 * (fast - saved).abs().max()
+    assert any(not torch.equal(a, b) for a, b in zip(before_finish.slow, before_finish.fast))
+    # ...in the new precision's layout, for 6 more steps.
+    core = _core(resumed)
+    for param in resumed.model.parameters():
+        assert _state_dtypes(core.state[param]) == EXPECTED_STATE_DTYPES[resumed_in](param)
+    _assert_trained(resumed, at_start.fast, 2 * STEPS_PER_EPOCH)
+
+
+def test_a_kept_slow_delta_state_that_does_not_fit_raises():
+    learn = _lookahead_learner("synced", "16bit")
+    learn.fit(1, 1e-2)
+    kept = learn.opt.state_dict()[BEFORE_FINISH_KEY]
+    assert kept["slow_param"] == {} and kept["slow_delta"].keys() == kept["fast"].keys()
+    assert set(kept["alpha"].values()) == {0.5}
+    for bad in (
+        {**kept, "slow_delta": {**kept["slow_delta"], 99: kept["slow_delta"][0]}},
+        {**kept, "slow_param": {0: kept["slow_delta"][0]}},  # both forms for one param
+        {**kept, "alpha": {**kept["alpha"], 0: "half"}},
+        {**kept, "slow_delta": {0: kept["slow_delta"][0][:1]}},
+    ):
+        state_dict = {**learn.opt.state_dict(), BEFORE_FINISH_KEY: bad}
+        with pytest.raises(ValueError, match=BEFORE_FINISH_KEY):
+            learn.opt.load_state_dict(state_dict)

@@ -27,6 +27,7 @@ from ranger_plugins.lightning import (
     no_decay_param_groups,
     ranger_optimizers,
 )
+from ranger_plugins.lookahead import slow_weights_key, slow_weights_of
 from ranger_plugins.schedules import FlatCosineLR, OneCycleCosineLR
 
 TRAIN = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
@@ -41,8 +42,15 @@ def _fastai_combined_cos():
     return combined_cos
 
 
+class _RecordsTheSlowWeights:
+    """Records the slow weights after each training batch, for `_holds_the_slow_weights`."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.slow_after_batch = _slow_weights_of_model(self, self.trainer.optimizers[0])
+
+
 def _make_model_class(base):
-    class RangerModel(base):
+    class RangerModel(_RecordsTheSlowWeights, base):
         """BoringModel with two layers, fixed data, Ranger (or the variant named by
         ``optimizer``), and checks in validation."""
 
@@ -54,16 +62,21 @@ def _make_model_class(base):
             lr: float = 2e-2,
             total_steps: int | None = None,
             optimizer: str = "ranger",
+            state_precision: str = "full",
+            hidden: int = 8,
         ) -> None:
             super().__init__()
             self.save_hyperparameters()
-            self.layer = nn.Sequential(nn.Linear(32, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+            self.layer = nn.Sequential(
+                nn.Linear(32, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, 2)
+            )
             self.automatic_optimization = not manual
             self.validated_on_slow_weights: list[bool] = []
             self.lrs: list[float] = []
 
         def configure_optimizers(self):
             hparams = self.hparams
+            options = _state_precision_option(hparams.state_precision)
             return ranger_optimizers(
                 self,
                 lr=hparams.lr,
@@ -71,6 +84,7 @@ def _make_model_class(base):
                 k=hparams.k,
                 total_steps=hparams.total_steps,
                 optimizer=hparams.optimizer,
+                **options,
             )
 
         def training_step(self, batch, batch_idx):
@@ -89,15 +103,7 @@ def _make_model_class(base):
 
         def validation_step(self, batch, batch_idx):
             if self.trainer.state.fn == "fit":
-                optimizer = self.trainer.optimizers[0]
-                self.validated_on_slow_weights.append(
-                    all(
-                        torch.equal(p, optimizer.state[p]["slow_param"].to(p.dtype))
-                        for p in self.parameters()
-                        if "slow_param" in optimizer.state[p]
-                    )
-                    and len(optimizer.state) > 0
-                )
+                self.validated_on_slow_weights.append(_holds_the_slow_weights(self))
             loss = self.step(batch)
             self.log("val_loss", loss)
             return {"x": loss}
@@ -112,6 +118,37 @@ def _make_model_class(base):
             return DataLoader(VALID, batch_size=BATCH)
 
     return RangerModel
+
+
+def _state_precision_option(state_precision):
+    """Ranger's own option, given only when it is not the default (the variants do not take
+    it)."""
+    return {} if state_precision == "full" else {"state_precision": state_precision}
+
+
+def _slow_weights_of_model(model, optimizer):
+    """The slow weights of each param (None before its first step). In the `slow_delta`
+    form (fast - slow) they are known only while the model holds the fast weights: after a
+    batch, not in validation."""
+    return [
+        slow_weights_of(p, optimizer.state[p]).to(p.dtype).clone()
+        if slow_weights_key(optimizer.state.get(p, {})) is not None
+        else None
+        for p in model.parameters()
+    ]
+
+
+def _holds_the_slow_weights(model):
+    """Whether the model holds the slow weights of the last training batch (before any batch
+    of this fit, a sanity check: those of the state, in the `slow_param` form; params that
+    have not stepped have none)."""
+    optimizer = model.trainer.optimizers[0]
+    slow = getattr(model, "slow_after_batch", None)
+    if slow is None:
+        slow = [optimizer.state.get(p, {}).get("slow_param") for p in model.parameters()]
+    return all(
+        torch.equal(p, s.to(p.dtype)) for p, s in zip(model.parameters(), slow) if s is not None
+    )
 
 
 RangerModel = _make_model_class(BoringModel)
@@ -250,6 +287,9 @@ CONFIGS = {
     "accumulate": {"trainer": {"accumulate_grad_batches": 3}},
     "clip": {"trainer": {"gradient_clip_val": 0.05}},
     "bf16-mixed": {"trainer": {"precision": "bf16-mixed"}},
+    # Ranger's low-memory state: the slow weights are `slow_delta` (fast - slow).
+    "16bit-state": {"model": {"state_precision": "16bit"}},
+    "8bit-state": {"model": {"state_precision": "8bit", "hidden": 128}},
 }
 
 
@@ -503,19 +543,27 @@ class StepIndexedModel(RangerModel):
         return super().training_step(TRAIN[start : start + BATCH], batch_idx)
 
 
+def _precision_options(state_precision):
+    """The model options for a Ranger ``state_precision``: for "8bit", a hidden layer large
+    enough for 8-bit moments (a weight of 4096 elements; smaller params keep 16-bit ones)."""
+    return {"state_precision": state_precision, "hidden": 128 if state_precision == "8bit" else 8}
+
+
 @functools.cache
-def _uninterrupted_long_run(weights_after_fit):
+def _uninterrupted_long_run(weights_after_fit, state_precision="full"):
     torch.manual_seed(0)
-    model = StepIndexedModel(total_steps=LONG_STEPS)
+    model = StepIndexedModel(total_steps=LONG_STEPS, **_precision_options(state_precision))
     trainer = _trainer(max_epochs=LONG_EPOCHS, weights_after_fit=weights_after_fit)
     trainer.fit(model)
     return _params(model), _optimizer_state(trainer.optimizers[0]), model.lrs
 
 
-def _assert_resumes_like_the_uninterrupted_run(path, weights_after_fit, from_step):
-    params, state, lrs = _uninterrupted_long_run(weights_after_fit)
+def _assert_resumes_like_the_uninterrupted_run(
+    path, weights_after_fit, from_step, state_precision="full"
+):
+    params, state, lrs = _uninterrupted_long_run(weights_after_fit, state_precision)
     torch.manual_seed(1)  # a different init: everything must come from the checkpoint
-    resumed = StepIndexedModel(total_steps=LONG_STEPS)
+    resumed = StepIndexedModel(total_steps=LONG_STEPS, **_precision_options(state_precision))
     trainer = _trainer(max_epochs=LONG_EPOCHS, weights_after_fit=weights_after_fit)
     trainer.fit(resumed, ckpt_path=path)
     assert trainer.global_step == LONG_STEPS
@@ -524,17 +572,35 @@ def _assert_resumes_like_the_uninterrupted_run(path, weights_after_fit, from_ste
     assert resumed.lrs == lrs[from_step:] and len(lrs) == LONG_STEPS
 
 
+# Every way of writing it in full precision; each weights_after_fit in the low-memory ones,
+# whose slow weights are `slow_delta` (fast - slow), which "synced" and "slow" zero.
+AFTER_FIT_CASES = [
+    *(
+        (written_by, weights_after_fit, "full")
+        for written_by in ("last.ckpt in on_train_end", "save_checkpoint after fit")
+        for weights_after_fit in ("synced", "slow", "fast")
+    ),
+    *(
+        (written_by, weights_after_fit, state_precision)
+        for state_precision, written_by, choices in (
+            ("16bit", "save_checkpoint after fit", ("synced", "slow", "fast")),
+            ("8bit", "last.ckpt in on_train_end", ("synced", "slow")),
+        )
+        for weights_after_fit in choices
+    ),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("weights_after_fit", ["synced", "slow", "fast"])
-@pytest.mark.parametrize("written_by", ["last.ckpt in on_train_end", "save_checkpoint after fit"])
+@pytest.mark.parametrize(("written_by", "weights_after_fit", "state_precision"), AFTER_FIT_CASES)
 def test_checkpoint_written_after_fit_resumes_like_one_longer_run(
-    tmp_path, written_by, weights_after_fit
+    tmp_path, written_by, weights_after_fit, state_precision
 ):
     before_finish = _RecordBeforeFinish()
     last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     save_last = written_by.startswith("last.ckpt")
     torch.manual_seed(0)
-    model = StepIndexedModel(total_steps=LONG_STEPS)
+    model = StepIndexedModel(total_steps=LONG_STEPS, **_precision_options(state_precision))
     trainer = _trainer(
         tmp_path,
         callbacks=[before_finish, *([last] if save_last else [])],
@@ -555,7 +621,8 @@ def test_checkpoint_written_after_fit_resumes_like_one_longer_run(
     # state_dict: the evaluation weights (the slow weights, which "synced" and "slow" leave
     # in the model); beside them the training state from before the end of fit.
     evaluated = [saved["state_dict"][name] for name in names]
-    _assert_bitwise(evaluated, [optimizer.state[p]["slow_param"] for p in model.parameters()])
+    slow = [slow_weights_of(p, optimizer.state[p]).to(p.dtype) for p in model.parameters()]
+    _assert_bitwise(evaluated, slow)
     if weights_after_fit != "fast":
         _assert_bitwise(evaluated, after_fit)
         assert not all(torch.equal(a, b) for a, b in zip(after_fit, before_finish.fast))
@@ -563,16 +630,21 @@ def test_checkpoint_written_after_fit_resumes_like_one_longer_run(
     _assert_same_state(saved["optimizer_states"][0]["state"], before_finish.state)
 
     _assert_resumes_like_the_uninterrupted_run(
-        path, weights_after_fit, from_step=len(TRAIN) // BATCH
+        path, weights_after_fit, from_step=len(TRAIN) // BATCH, state_precision=state_precision
     )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights_after_fit", ["synced", "slow", "fast"])
-def test_mid_epoch_checkpoint_resumes_like_one_longer_run(tmp_path, weights_after_fit):
+@pytest.mark.parametrize(
+    ("weights_after_fit", "state_precision"),
+    [("synced", "full"), ("slow", "full"), ("fast", "full"), ("synced", "16bit"), ("slow", "8bit")],
+)
+def test_mid_epoch_checkpoint_resumes_like_one_longer_run(
+    tmp_path, weights_after_fit, state_precision
+):
     every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
     torch.manual_seed(0)
-    model = StepIndexedModel(total_steps=LONG_STEPS)
+    model = StepIndexedModel(total_steps=LONG_STEPS, **_precision_options(state_precision))
     trainer = _trainer(
         tmp_path,
         callbacks=[every, CrashAt(step=12)],
@@ -584,7 +656,7 @@ def test_mid_epoch_checkpoint_resumes_like_one_longer_run(tmp_path, weights_afte
         trainer.fit(model)
     path = tmp_path / "epoch=1-step=10.ckpt"  # mid-epoch, between the syncs at 6 and 12
     assert torch.load(path, weights_only=True)["global_step"] == 10
-    _assert_resumes_like_the_uninterrupted_run(path, weights_after_fit, from_step=10)
+    _assert_resumes_like_the_uninterrupted_run(path, weights_after_fit, 10, state_precision)
 
 
 def test_resume_without_the_callback_warns(tmp_path):
@@ -952,3 +1024,80 @@ def test_each_variant_resumes_after_a_crash_like_the_uninterrupted_run(tmp_path,
     )
     assert resumed.lrs == uninterrupted.lrs[8:]
     assert all(resumed.validated_on_slow_weights)
+
+
+# -- Ranger's low-memory state (state_precision) ------------------------------------------
+
+
+def test_ranger_optimizers_hands_state_precision_to_ranger():
+    model = RangerModel(hidden=128)
+    optimizer = ranger_optimizers(model, total_steps=4, state_precision="8bit")["optimizer"]
+    assert isinstance(optimizer, Ranger)
+    assert {group["state_precision"] for group in optimizer.param_groups} == {"8bit"}
+    with pytest.raises(ValueError, match="state_precision") as raised:
+        ranger_optimizers(model, total_steps=4, state_precision="4bit")
+    assert "'4bit'" in str(raised.value)
+    assert all(choice in str(raised.value) for choice in ("full", "delta", "16bit", "8bit"))
+    # Ranger's own option: a variant refuses it rather than ignoring it.
+    with pytest.raises(TypeError, match="state_precision"):
+        ranger_optimizers(model, optimizer="ranger_qh", total_steps=4, state_precision="8bit")
+
+
+def test_lightning_cli_sets_rangers_state_precision(tmp_path):
+    optimizer = _fit_with_cli(
+        tmp_path, "--optimizer=ranger_plugins.Ranger", "--optimizer.state_precision=16bit"
+    )
+    assert {group["state_precision"] for group in optimizer.param_groups} == {"16bit"}
+    for state in optimizer.state.values():
+        assert "slow_param" not in state and state["slow_delta"].dtype == torch.bfloat16
+
+
+class _TrainingStateAtStart(Callback):
+    """The fast weights and the slow weights (as values) when training starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.fast = _params(pl_module)
+        self.slow = _slow_weights_of_model(pl_module, trainer.optimizers[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_in", "resumed_in"), [("full", "8bit"), ("8bit", "full")])
+def test_a_checkpoint_saved_in_one_precision_resumes_in_another(tmp_path, saved_in, resumed_in):
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
+    torch.manual_seed(0)
+    model = StepIndexedModel(total_steps=LONG_STEPS, state_precision=saved_in, hidden=128)
+    trainer = _trainer(
+        tmp_path, callbacks=[every, CrashAt(step=7)], checkpointing=True, max_epochs=LONG_EPOCHS
+    )
+    with pytest.raises(SimulatedCrash):
+        trainer.fit(model)
+    path = tmp_path / "epoch=0-step=5.ckpt"  # between the syncs at 0 and 6
+    saved = torch.load(path, weights_only=True)
+    names = [name for name, _ in model.named_parameters()]
+    saved_fast = [saved[FAST_STATE_KEY][name] for name in names]
+    saved_slow = [saved["state_dict"][name] for name in names]
+
+    torch.manual_seed(1)
+    resumed = StepIndexedModel(total_steps=LONG_STEPS, state_precision=resumed_in, hidden=128)
+    at_start = _TrainingStateAtStart()
+    resume_trainer = _trainer(callbacks=[at_start], max_epochs=LONG_EPOCHS)
+    resume_trainer.fit(resumed, ckpt_path=path)
+    # It went on from the saved fast weights exactly, and from the saved slow weights up to
+    # the bf16 rounding of fast - slow (converted when the optimizer state was loaded).
+    _assert_bitwise(at_start.fast, saved_fast)
+    for slow, expected, fast in zip(at_start.slow, saved_slow, saved_fast):
+        assert (slow - expected).abs().max() <= 2**-7 * (fast - expected).abs().max()
+    assert not all(torch.equal(a, b) for a, b in zip(saved_slow, saved_fast))
+    # ...in the new precision's layout, to the end of the run.
+    optimizer = resume_trainer.optimizers[0]
+    assert resume_trainer.global_step == LONG_STEPS
+    assert {state["step"] for state in optimizer.state.values()} == {LONG_STEPS}
+    big = resumed.layer[0].weight
+    layout = {key: value.dtype for key, value in optimizer.state[big].items() if key != "step"}
+    if resumed_in == "8bit":
+        assert layout["exp_avg"] == torch.int8 and layout["exp_avg_sq"] == torch.uint8
+        assert "slow_param" not in layout
+    else:
+        assert layout == dict.fromkeys(("exp_avg", "exp_avg_sq", "slow_param"), torch.float32)
+    assert all(torch.isfinite(p).all() for p in resumed.parameters())
+    assert all(resumed.validated_on_slow_weights) and resumed.validated_on_slow_weights
