@@ -229,7 +229,7 @@ def test_fastai_engine_builds_each_variant(name):
     config, model = RecipeConfig(lr=5e-3), _Net()
     data = torch.utils.data.TensorDataset(torch.randn(4, 1, 3, 3), torch.tensor([0, 1, 0, 1]))
     dls = DataLoaders.from_dsets(data, data, bs=2)
-    opt_func, callbacks = _recipe_optimizer(config, name)
+    opt_func, callbacks = _recipe_optimizer(config, recipe_spec(name))
     learn = Learner(
         dls, model, nn.CrossEntropyLoss(), opt_func=opt_func, lr=config.lr, cbs=callbacks
     )  # wd_bn_bias=False by default, as in the run

@@ -2,7 +2,8 @@
 
 ``python -m ranger_plugins.recipes`` (or the ``ranger-recipes`` console script) trains the
 recipe and a baseline on scikit-learn's digits (``--optimizer`` picks the recipe's member of
-the Ranger family, ``--optimizer all`` trains each); ``--data PATH`` or ``--dataset imagenette``
+the Ranger family, ``--optimizer all`` trains each; ``--state-precision 16bit|8bit|all``
+Ranger's low-memory state); ``--data PATH`` or ``--dataset imagenette``
 trains the leaderboard recipe on real images. See ``python -m ranger_plugins.recipes --help``.
 
 Needs the ``recipes`` extra (fastai, Lightning, scikit-learn, matplotlib). The programmatic

@@ -6,7 +6,10 @@ digits, prints a table and writes a PNG of the loss curves, accuracies and LR sc
 ``--seeds N`` trains each run with N seeds and reports the mean and standard deviation.
 ``--optimizer NAME`` trains the recipe with another member of the Ranger family
 (``ranger_qh``, ``ranger_va``, ``ranger21``, ``ranger_lars``); ``--optimizer all`` trains it
-with each of them, beside the baseline.
+with each of them, beside the baseline. ``--state-precision 16bit|8bit`` stores Ranger's
+state in 16 or 8 bits (``Ranger(..., state_precision=...)``); ``--state-precision all``
+trains the Ranger recipe with full, 16-bit and 8-bit state, and the table then adds the last
+epoch's training loss.
 
 With ``--data PATH`` (ImageNet-style folder) or ``--dataset imagenette|imagewoof``: trains
 the leaderboard recipe (XResNet50 + Mish, 128 px, bs 64, lr 4e-3, 5 epochs).
@@ -28,7 +31,7 @@ from ._checks import BOUNDS, describe_bounds, number_in_bounds
 from ._config import DIGITS_DEFAULTS, FOLDER_DEFAULTS, RecipeConfig, RunResult
 from ._data import RecipeError
 from ._models import ARCHS
-from ._optimizers import ALL, OPTIMIZER_CHOICES
+from ._optimizers import ALL, OPTIMIZER_CHOICES, STATE_PRECISION_CHOICES
 from ._report import format_per_seed, format_table, group_runs, plot_results
 from ._runner import DATASETS, ENGINES, prepare_run, train_runs
 
@@ -133,6 +136,14 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         "'all' trains the recipe with each of them, and the baseline",
     )
     parser.add_argument(
+        "--state-precision",
+        choices=STATE_PRECISION_CHOICES,
+        default="full",
+        help="how Ranger stores its state: full (fp32, default), 16bit or 8bit "
+        "(Ranger(state_precision=...)); 'all' trains the Ranger recipe with each. Ranger "
+        "only: with --optimizer all the other variants keep full state",
+    )
+    parser.add_argument(
         "--sa", action="store_true", help="add fastai's simple self-attention to the XResNet"
     )
     parser.add_argument(
@@ -201,6 +212,7 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
         self_attention=args.sa,
         gc=args.gc,
         optimizer=args.optimizer,
+        state_precision=args.state_precision,
         pct_start=args.pct_start,
         baseline=baseline if args.baseline is None else args.baseline,
         workers=args.workers if args.workers is not None else (4 if folder else 0),
@@ -214,7 +226,7 @@ def _print_results(config: RecipeConfig, results: list[RunResult], title: str) -
     print(format_table(results, config.epochs))
     if config.seeds > 1:
         print()
-        print(format_per_seed(results))
+        print(format_per_seed(results, config.epochs))
 
 
 def _title(config: RecipeConfig, path) -> str:

@@ -15,9 +15,14 @@ __all__ = [
     "RECIPE",
     "RecipeConfig",
     "RunResult",
+    "STATE_PRECISIONS",
     "RunSpec",
     "recipe_spec",
 ]
+
+#: The ``state_precision`` values the main job trains Ranger with (``--state-precision``):
+#: fp32 state, and the two low-memory layouts of `ranger_plugins._low_memory`.
+STATE_PRECISIONS = ("full", "16bit", "8bit")
 
 # The leaderboard hyperparameters (fastai Imagenette/Imagewoof records, 2019): Ranger with
 # mom 0.95, sqr_mom 0.99, eps 1e-6, true weight decay 1e-2 (none on norm/bias), flat lr then
@@ -42,15 +47,26 @@ class RunSpec:
     activation: str  # "mish" | "relu"
     optimizer: str  # a name of ranger_plugins.family.OPTIMIZERS, or "adamw"
     schedule: str  # "flat_cos" | "one_cycle"
+    #: How Ranger stores its state (one of `STATE_PRECISIONS`); "full" for every other run.
+    state_precision: str = "full"
 
 
-def recipe_spec(optimizer: str = "ranger") -> RunSpec:
+def recipe_spec(optimizer: str = "ranger", state_precision: str = "full") -> RunSpec:
     """The recipe (Mish, flat-then-cosine, label smoothing) with a Ranger-family optimizer.
 
-    With Ranger the run is called ``recipe``; with another variant, by the variant's name
-    (``ranger_qh``), so that ``--optimizer all`` gives each run its own row."""
+    With Ranger the run is called ``recipe`` (``recipe_16bit``, ``recipe_8bit`` with
+    low-memory state); with another variant, by the variant's name (``ranger_qh``), so that
+    ``--optimizer all`` and ``--state-precision all`` give each run its own row."""
     name = "recipe" if optimizer == "ranger" else optimizer
-    return RunSpec(name, activation="mish", optimizer=optimizer, schedule="flat_cos")
+    if state_precision != "full":
+        name = f"{name}_{state_precision}"
+    return RunSpec(
+        name,
+        activation="mish",
+        optimizer=optimizer,
+        schedule="flat_cos",
+        state_precision=state_precision,
+    )
 
 
 RECIPE = recipe_spec("ranger")
@@ -103,6 +119,9 @@ class RecipeConfig:
     #: The recipe's optimizer: a name of ``ranger_plugins.family.OPTIMIZERS``, or ``"all"``
     #: to train the recipe once with each of them.
     optimizer: str = "ranger"
+    #: How Ranger stores its state: one of `STATE_PRECISIONS`, or ``"all"`` to train the
+    #: Ranger recipe once with each (the other variants always keep full state).
+    state_precision: str = "full"
     pct_start: float = 0.72
     baseline: bool = True
     workers: int = 0
@@ -115,11 +134,23 @@ class RecipeConfig:
         return self.dataset != "digits" or self.data is not None
 
     @property
+    def state_precisions(self) -> list[str]:
+        """Every state precision Ranger trains with, in order."""
+        if self.state_precision == "all":
+            return list(STATE_PRECISIONS)
+        return [self.state_precision]
+
+    @property
     def runs(self) -> list[RunSpec]:
         """The runs to train: the recipe with each optimizer asked for (in the family's
-        order for ``"all"``), then the baseline."""
+        order for ``"all"``; Ranger with each state precision asked for), then the
+        baseline."""
         names = list(OPTIMIZERS) if self.optimizer == "all" else [self.optimizer]
-        recipes = [recipe_spec(name) for name in names]
+        recipes = [
+            recipe_spec(name, precision)
+            for name in names
+            for precision in (self.state_precisions if name == "ranger" else ["full"])
+        ]
         return [*recipes, BASELINE] if self.baseline else recipes
 
     @property

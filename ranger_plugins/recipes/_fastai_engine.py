@@ -2,11 +2,12 @@
 
 The recipe's optimizer, any member of the Ranger family, comes from the fastai adapter's
 opt_func of that name (`ranger_plugins.fastai.opt_func_for`), with the hyperparameters of
-`_optimizers.variant_kwargs` under fastai's names.
+`_optimizers.variant_kwargs` under fastai's names (Ranger's ``state_precision`` too).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from functools import partial
 from typing import Any
@@ -38,9 +39,35 @@ def fastai_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return renamed
 
 
-def _recipe_optimizer(config: RecipeConfig, optimizer: str):
-    """The fastai adapter's opt_func for ``optimizer`` with the recipe's hyperparameters,
-    and its Lookahead evaluation callback (validation on the slow weights)."""
+def _takes(func: Any, name: str) -> bool:
+    """Whether ``func`` takes a keyword argument ``name`` (by name, or by ``**kwargs``)."""
+    parameters = inspect.signature(func).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _with_state_precision(opt_func: Any, params: Any, state_precision: str, **kwargs: Any):
+    """``opt_func(params, **kwargs)`` with every core group's ``state_precision`` set: for an
+    adapter whose opt_func does not take the keyword. Set before the first step, it is what
+    the core reads when it creates the state."""
+    wrapper = opt_func(params, **kwargs)
+    for group in wrapper.opt.param_groups:
+        group["state_precision"] = state_precision
+    return wrapper
+
+
+def _bind(opt_func: Any, kwargs: dict[str, Any]):
+    """``opt_func`` with ``kwargs`` bound (`functools.partial`, as fastai binds options)."""
+    precision = kwargs.get("state_precision")
+    if precision is None or _takes(opt_func, "state_precision"):
+        return partial(opt_func, **kwargs)
+    others = {key: value for key, value in kwargs.items() if key != "state_precision"}
+    return partial(_with_state_precision, opt_func, state_precision=precision, **others)
+
+
+def _recipe_optimizer(config: RecipeConfig, spec: RunSpec):
+    """The fastai adapter's opt_func for the run's optimizer with the recipe's
+    hyperparameters, and its Lookahead evaluation callback (validation on the slow
+    weights)."""
     try:
         from ranger_plugins.fastai import LookaheadCallback, opt_func_for
     except ImportError as error:
@@ -48,8 +75,8 @@ def _recipe_optimizer(config: RecipeConfig, optimizer: str):
             f"the fastai engine needs ranger_plugins.fastai (opt_func_for, LookaheadCallback), "
             f"which could not be imported: {error}. Try --engine lightning."
         ) from error
-    kwargs = fastai_kwargs(variant_kwargs(optimizer, config))
-    return partial(opt_func_for(optimizer), **kwargs), [LookaheadCallback()]
+    kwargs = fastai_kwargs(variant_kwargs(spec.optimizer, config, spec.state_precision))
+    return _bind(opt_func_for(spec.optimizer), kwargs), [LookaheadCallback()]
 
 
 def _dataloaders(config: RecipeConfig, path):
@@ -137,7 +164,7 @@ def train_fastai(config: RecipeConfig, spec: RunSpec, path=None) -> RunResult:
         self_attention=config.self_attention,
     )
     if spec.optimizer != "adamw":
-        opt_func, callbacks = _recipe_optimizer(config, spec.optimizer)
+        opt_func, callbacks = _recipe_optimizer(config, spec)
     else:
         # fastai's Adam applies true (decoupled) weight decay: AdamW.
         opt_func, callbacks = partial(Adam, wd=WEIGHT_DECAY), []

@@ -101,7 +101,7 @@ def _optimizers(module, config: RecipeConfig, spec: RunSpec) -> dict[str, Any]:
             optimizer=spec.optimizer,
             schedule="flat_cos",
             pct_start=config.pct_start,
-            **variant_kwargs(spec.optimizer, config),
+            **variant_kwargs(spec.optimizer, config, spec.state_precision),
         )
     # The baseline: AdamW with fastai's one-cycle (lr from lr/25 up to lr over the first 25%,
     # then cosine down to lr/1e5; beta1 cycled 0.95 -> 0.85 -> 0.95).

@@ -15,6 +15,10 @@ other hyperparameter is the variant's own default, with two exceptions:
   ``warmdown_active=False``): the recipe's flat-then-cosine schedule sets the group's lr,
   and the step uses exactly that lr (see `ranger_plugins.ranger21.Ranger21Schedule`).
 
+``--state-precision`` (`RecipeConfig.state_precision`) stores Ranger's state in 16 or 8
+bits (``Ranger(..., state_precision=...)``, see `ranger_plugins._low_memory`); it applies to
+Ranger alone, and every other hyperparameter stays the same.
+
 Ranger21's weight decay is its "stable" weight decay (divided by the root mean of the
 second moments, about 1 with its normalized gradients), and it keeps its own GC, gradient
 normalization, adaptive clipping, norm loss and positive-negative momentum.
@@ -29,15 +33,18 @@ import torch
 
 from ranger_plugins.family import OPTIMIZERS, optimizer_class
 
-from ._config import RANGER_HYPERS, RecipeConfig
+from ._config import RANGER_HYPERS, STATE_PRECISIONS, RecipeConfig, RunSpec
 from ._data import RecipeInputError
 
 __all__ = [
     "ALL",
     "OPTIMIZER_CHOICES",
     "OPTIMIZER_NAMES",
+    "STATE_PRECISION_CHOICES",
     "build_optimizer",
     "check_optimizer",
+    "check_state_precision",
+    "optimizer_label",
     "variant_kwargs",
 ]
 
@@ -49,6 +56,8 @@ OPTIMIZER_NAMES: dict[str, str] = {
     **{name: cls.__name__ for name, cls in OPTIMIZERS.items()},
     "adamw": "AdamW",
 }
+#: ``--state-precision``: Ranger's state in fp32, 16 or 8 bits, or ``all`` of them in turn.
+STATE_PRECISION_CHOICES: tuple[str, ...] = (*STATE_PRECISIONS, ALL)
 
 # Hyperparameters each variant takes beyond the common ones (betas, eps, weight_decay).
 _EXTRA_KWARGS: dict[str, dict[str, Any]] = {
@@ -60,10 +69,21 @@ _EXTRA_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant_kwargs(name: str, config: RecipeConfig) -> dict[str, Any]:
+def optimizer_label(spec: RunSpec) -> str:
+    """How the table and the plot name a run's optimizer: the class name, with the state
+    precision when it is not full (``Ranger, 8bit state``)."""
+    name = OPTIMIZER_NAMES[spec.optimizer]
+    return name if spec.state_precision == "full" else f"{name}, {spec.state_precision} state"
+
+
+def variant_kwargs(
+    name: str, config: RecipeConfig, state_precision: str = "full"
+) -> dict[str, Any]:
     """The keyword arguments (besides params and lr) that variant ``name`` gets in the
     recipe. ``--gc`` turns Gradient Centralization on; without it every variant keeps its
-    own default, except Ranger, whose leaderboard runs had none."""
+    own default, except Ranger, whose leaderboard runs had none. A ``state_precision``
+    other than ``"full"`` (Ranger only) is passed on; full state passes nothing, so those
+    runs are exactly what they were before the option existed."""
     kwargs: dict[str, Any] = {
         "betas": (RANGER_HYPERS["mom"], RANGER_HYPERS["sqr_mom"]),
         "eps": RANGER_HYPERS["eps"],
@@ -72,30 +92,57 @@ def variant_kwargs(name: str, config: RecipeConfig) -> dict[str, Any]:
     }
     if config.gc or name == "ranger":
         kwargs["use_gc"] = config.gc
+    if state_precision != "full":
+        kwargs["state_precision"] = state_precision
     return kwargs
 
 
 def build_optimizer(
-    name: str, groups: list[dict[str, Any]], lr: float, config: RecipeConfig
+    name: str,
+    groups: list[dict[str, Any]],
+    lr: float,
+    config: RecipeConfig,
+    state_precision: str = "full",
 ) -> torch.optim.Optimizer:
-    """Variant ``name`` on ``groups`` (each group's own ``weight_decay`` wins), at ``lr``."""
+    """Variant ``name`` on ``groups`` (each group's own ``weight_decay`` wins), at ``lr``,
+    with its state in ``state_precision`` (Ranger only)."""
     # Each class has its own signature; the base class's (params, defaults) is not it.
     cls: Callable[..., torch.optim.Optimizer] = optimizer_class(name)
-    return cls(groups, lr=lr, **variant_kwargs(name, config))
+    return cls(groups, lr=lr, **variant_kwargs(name, config, state_precision))
+
+
+def check_state_precision(config: RecipeConfig) -> None:
+    """``config.state_precision`` is one of `STATE_PRECISION_CHOICES`, and a low-memory
+    state is asked of Ranger (``--optimizer ranger`` or ``all``) alone."""
+    if config.state_precision not in STATE_PRECISION_CHOICES:
+        raise RecipeInputError(
+            f"--state-precision must be one of {', '.join(STATE_PRECISION_CHOICES)}, "
+            f"got {config.state_precision!r}"
+        )
+    if config.state_precision != "full" and config.optimizer not in ("ranger", ALL):
+        raise RecipeInputError(
+            f"--state-precision {config.state_precision} applies to Ranger only; "
+            f"--optimizer {config.optimizer} keeps full state (use --optimizer ranger or all)"
+        )
 
 
 def check_optimizer(config: RecipeConfig) -> None:
-    """``config.optimizer`` names a variant (or ``all``), and each variant it trains accepts
-    its hyperparameters: built once on a dummy parameter, so a bad value stops the run with
-    one line before anything trains."""
+    """``config.optimizer`` names a variant (or ``all``), ``config.state_precision`` fits it,
+    and each variant it trains accepts its hyperparameters (and Ranger each state precision
+    asked for): built once on a dummy parameter, so a bad value stops the run with one line
+    before anything trains."""
     if config.optimizer not in OPTIMIZER_CHOICES:
         raise RecipeInputError(
             f"--optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {config.optimizer!r}"
         )
-    names = list(OPTIMIZERS) if config.optimizer == ALL else [config.optimizer]
-    for name in names:
+    check_state_precision(config)
+    for spec in config.runs:
+        if spec.optimizer not in OPTIMIZERS:  # the baseline
+            continue
         dummy = [torch.zeros(2, 2, requires_grad=True)]
         try:
-            build_optimizer(name, [{"params": dummy}], config.lr, config)
+            build_optimizer(
+                spec.optimizer, [{"params": dummy}], config.lr, config, spec.state_precision
+            )
         except (TypeError, ValueError) as error:
-            raise RecipeInputError(f"--optimizer {name}: {error}") from error
+            raise RecipeInputError(f"--optimizer {spec.optimizer}: {error}") from error

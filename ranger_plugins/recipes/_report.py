@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._config import RunResult, RunSpec
-from ._optimizers import OPTIMIZER_NAMES
+from ._optimizers import optimizer_label
 
 __all__ = [
     "RunSummary",
     "Spread",
+    "final_train_loss",
     "format_per_seed",
     "format_table",
     "group_runs",
@@ -65,6 +66,7 @@ class RunSummary:
     seeds: list[int]
     accuracy: Spread  # validation accuracy, in percent
     valid_loss: Spread
+    train_loss: Spread  # the last epoch's mean training loss (`final_train_loss`)
     epoch_seconds: Spread  # the fit's time divided by its epochs, seed by seed
     train_seconds: float  # the fits' times summed over the seeds
 
@@ -77,6 +79,14 @@ def group_runs(results: list[RunResult]) -> dict[str, list[RunResult]]:
     return groups
 
 
+def final_train_loss(result: RunResult, epochs: int) -> float:
+    """The mean training loss over the last epoch's iterations (the raw per-iteration
+    losses: less noisy than the last batch's, and free of a smoothing's lag)."""
+    per_epoch = max(len(result.train_losses) // max(epochs, 1), 1)
+    last = result.train_losses[-per_epoch:]
+    return statistics.fmean(last) if last else float("nan")
+
+
 def summarize(results: list[RunResult], epochs: int) -> list[RunSummary]:
     """Each run's metrics over its seeds, in the order the runs first came."""
     return [
@@ -86,6 +96,7 @@ def summarize(results: list[RunResult], epochs: int) -> list[RunSummary]:
             seeds=[r.seed for r in runs],
             accuracy=spread([100 * r.accuracy for r in runs]),
             valid_loss=spread([r.valid_loss for r in runs]),
+            train_loss=spread([final_train_loss(r, epochs) for r in runs]),
             epoch_seconds=spread([r.seconds / epochs for r in runs]),
             train_seconds=sum(r.seconds for r in runs),
         )
@@ -100,32 +111,49 @@ def _seeds(seeds: list[int]) -> str:
     return ", ".join(map(str, seeds))
 
 
+def shows_train_loss(results: list[RunResult]) -> bool:
+    """Whether the table has a training-loss column: when a run has low-memory state, whose
+    criterion (the same final training loss as full state) needs it."""
+    return any(r.spec.state_precision != "full" for r in results)
+
+
 def format_table(results: list[RunResult], epochs: int) -> str:
     """A plain-text (and Markdown) table: one row per run, its metrics over every seed (mean
     ± standard deviation when there are several), its time per epoch (the fit's time over
     its epochs, training and validation; mean ± std over the seeds) and its training time
-    summed over seeds."""
+    summed over seeds. With low-memory state (``--state-precision``) the table also has the
+    last epoch's mean training loss (`final_train_loss`), after the validation loss."""
+    train = shows_train_loss(results)
     header = (
         "| run | model | optimizer | schedule | epochs | seeds | valid accuracy | valid loss "
-        "| time per epoch | train time |"
+        + ("| train loss " if train else "")
+        + "| time per epoch | train time |"
     )
-    rule = "|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+    rule = "|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if train else "") + "---:|---:|"
     rows = [
-        f"| {s.spec.name} | {s.model_name} | {OPTIMIZER_NAMES[s.spec.optimizer]} "
+        f"| {s.spec.name} | {s.model_name} | {optimizer_label(s.spec)} "
         f"| {_SCHEDULE_NAMES[s.spec.schedule]} | {epochs} | {_seeds(s.seeds)} "
         f"| {s.accuracy.format('{:.2f}')}% | {s.valid_loss.format('{:.4f}')} "
-        f"| {s.epoch_seconds.format('{:.2f}')} s | {s.train_seconds:.1f} s |"
+        + (f"| {s.train_loss.format('{:.4f}')} " if train else "")
+        + f"| {s.epoch_seconds.format('{:.2f}')} s | {s.train_seconds:.1f} s |"
         for s in summarize(results, epochs)
     ]
     return "\n".join([header, rule, *rows])
 
 
-def format_per_seed(results: list[RunResult]) -> str:
-    """Each run's validation accuracy and loss seed by seed, one line per run."""
+def format_per_seed(results: list[RunResult], epochs: int = 1) -> str:
+    """Each run's validation accuracy and loss seed by seed, one line per run (and the last
+    epoch's training loss, of ``epochs``, where the table shows it)."""
+    train = shows_train_loss(results)
     lines = []
     for name, runs in group_runs(results).items():
-        each = ", ".join(f"{r.seed}: {r.accuracy:.2%} / {r.valid_loss:.4f}" for r in runs)
-        lines.append(f"{name} (seed: accuracy / loss): {each}")
+        each = ", ".join(
+            f"{r.seed}: {r.accuracy:.2%} / {r.valid_loss:.4f}"
+            + (f" / {final_train_loss(r, epochs):.4f}" if train else "")
+            for r in runs
+        )
+        what = "accuracy / loss / train loss" if train else "accuracy / loss"
+        lines.append(f"{name} (seed: {what}): {each}")
     return "\n".join(lines)
 
 
@@ -139,7 +167,7 @@ def _smooth(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def _label(run: RunResult) -> str:
-    return f"{run.spec.name}: {run.model_name}, {OPTIMIZER_NAMES[run.spec.optimizer]}"
+    return f"{run.spec.name}: {run.model_name}, {optimizer_label(run.spec)}"
 
 
 def _plot_losses(ax, runs: list[RunResult], color: str) -> None:
