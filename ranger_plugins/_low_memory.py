@@ -348,6 +348,16 @@ def copy_stochastic_(destination: torch.Tensor, source: torch.Tensor, step: int)
         flat_destination[part].copy_(bf16_stochastic(flat_source[part].float(), offsets))
 
 
+def exact_sqrt(values: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root (a new tensor). torch's fp32 ``sqrt`` on x86 CPUs goes
+    through MKL, which is one ulp off for some inputs on some CPUs: the same state would then
+    step differently on two machines, and differently from the C++ kernel. The square root of
+    an fp32 value taken in fp64 and rounded back is correctly rounded."""
+    if values.dtype != torch.float32:
+        return values.sqrt()
+    return values.double().sqrt_().float()
+
+
 def _blocks(values: torch.Tensor) -> torch.Tensor:
     """1-D fp32 ``values`` as (blocks, BLOCK): a view where they fill whole blocks, else a
     copy with the last block padded with zeros."""
@@ -367,7 +377,7 @@ def _encode_signed(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocks(values)
     magnitudes = blocks.abs()
     scales = magnitudes.amax(dim=1)
-    levels = magnitudes.mul_(_inverse(scales)[:, None]).sqrt_().mul_(_SIGNED_LEVELS).round_()
+    levels = exact_sqrt(magnitudes.mul_(_inverse(scales)[:, None])).mul_(_SIGNED_LEVELS).round_()
     codes = levels.copysign_(blocks).view(-1)[: values.numel()]  # -0.0 becomes code 0
     return codes.to(torch.int8), scales
 
@@ -385,7 +395,7 @@ def _encode_unsigned(
     ``c = floor(255 * (x / S) ** 0.25 + u)``, at least 1 where x > 0."""
     blocks = _blocks(values)
     scales = blocks.amax(dim=1)
-    levels = blocks.mul(_inverse(scales)[:, None]).sqrt_().sqrt_().mul_(_UNSIGNED_LEVELS)
+    levels = exact_sqrt(exact_sqrt(blocks.mul(_inverse(scales)[:, None]))).mul_(_UNSIGNED_LEVELS)
     levels = levels.view(-1)[: values.numel()]
     levels.add_(offsets.to(torch.float32).mul_(1.0 / 65536.0)).floor_().clamp_(max=_UNSIGNED_LEVELS)
     levels = torch.maximum(levels, values.sign())  # code 1 at least where v > 0
@@ -712,7 +722,7 @@ def _step_chunk(
     exp_avg.lerp_(gradient, values.beta1_weight)
     exp_avg_sq.mul_(values.beta2).addcmul_(gradient, gradient, value=values.beta2_weight)
     if values.adaptive:
-        denominator = exp_avg_sq.sqrt().add_(values.eps)
+        denominator = exact_sqrt(exp_avg_sq).add_(values.eps)
         fast.addcdiv_(exp_avg, denominator, value=values.step_size)
     else:
         fast.add_(exp_avg, alpha=values.step_size)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ._base import GroupLists, LookaheadOptimizer, ParamsT
-from ._fused import fused_ranger
+from ._fused import fused_low_memory_ranger, fused_ranger
 from ._low_memory import (
     STATE_PRECISIONS,
     check_low_memory_supported,
@@ -238,7 +238,8 @@ class Ranger(LookaheadOptimizer):
 
     def _update(self, group_index: int, group: dict[str, Any], lists: GroupLists) -> None:
         if group["state_precision"] != "full":
-            low_memory_ranger(
+            low_memory_step = fused_low_memory_ranger if group["fused"] else low_memory_ranger
+            low_memory_step(
                 lists.params,
                 lists.grads,
                 lists.state_dicts,
