@@ -72,8 +72,8 @@ BLOCK = 256
 MIN_8BIT_NUMEL = 4096
 # Chunks of a param's memory order the step decodes at a time (multiples of BLOCK; see
 # `chunk_numel`).
-MAX_CHUNK = 1 << 16
-MIN_CHUNK = 4 * BLOCK
+MAX_CHUNK = 1 << 17
+MIN_CHUNK = 1 << 14
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -496,9 +496,11 @@ def _indices(part: slice, device: torch.device) -> torch.Tensor:
 
 def chunk_numel(total_numel: int) -> int:
     """Elements per chunk for a group of ``total_numel`` elements: a power of two between
-    `MIN_CHUNK` and `MAX_CHUNK`, at most 1/256 of the group, so that the chunk's temporaries
-    (about 80 bytes per element) stay under a tenth of the param bytes of all but tiny
-    models."""
+    `MIN_CHUNK` and `MAX_CHUNK`, at most 1/256 of the group where it can be. A chunk's
+    temporaries take about 80 bytes per element, so the step's extra memory stays under a
+    tenth of the param bytes from about 3M params up (1.3 MB below that): each chunk costs
+    some fifty small operations, which would dominate a small model's step if chunks
+    shrank with it."""
     wanted = max(MIN_CHUNK, total_numel // 256)
     return min(MAX_CHUNK, 1 << (wanted.bit_length() - 1))
 
