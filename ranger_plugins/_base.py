@@ -131,14 +131,14 @@ class LookaheadOptimizer(LookaheadControls, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_lrs()
+        self._check_groups_before_step()
         for group_index, group in enumerate(self.param_groups):
             lists = self._init_group(group)
             if lists.params:
                 self._update(group_index, group, lists)
         return loss
 
-    def _check_lrs(self) -> None:
+    def _check_groups_before_step(self) -> None:
         # Schedulers and users write lr into the groups between steps: a NaN or negative lr
         # would silently wreck every weight, so each step checks it before anything changes.
         for index, group in enumerate(self.param_groups):

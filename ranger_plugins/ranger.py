@@ -204,6 +204,13 @@ class Ranger(LookaheadOptimizer):
                     check_saved_state(entry, param, where)
                     check_step(entry["step"], f"{where}: state 'step'")
 
+    def _check_groups_before_step(self) -> None:
+        # state_precision decides how the state is read: one written into a group between
+        # steps is checked like lr, before anything changes.
+        super()._check_groups_before_step()
+        for index, group in enumerate(self.param_groups):
+            check_state_precision(group["state_precision"], where=f"group {index}: ")
+
     def _init_group(self, group: dict[str, Any]) -> GroupLists:
         if group["state_precision"] != "full":  # before any state changes
             check_low_memory_supported([p for p in group["params"] if p.grad is not None])
@@ -293,10 +300,13 @@ def check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
             raise ValueError(f"{where}Invalid {flag}: {group[flag]!r} (must be True or False)")
     if group.get("foreach") not in (None, True, False):
         raise ValueError(f"{where}Invalid foreach: {group['foreach']!r} (must be None or a bool)")
-    if group.get("state_precision", "full") not in STATE_PRECISIONS:
+    check_state_precision(group.get("state_precision", "full"), where)
+
+
+def check_state_precision(value: Any, where: str = "") -> None:
+    if not isinstance(value, str) or value not in STATE_PRECISIONS:
         raise ValueError(
-            f"{where}Invalid state_precision: {group['state_precision']!r} "
-            f"(must be one of {STATE_PRECISIONS})"
+            f"{where}Invalid state_precision: {value!r} (must be one of {STATE_PRECISIONS})"
         )
 
 

@@ -328,7 +328,7 @@ class Ranger21(LookaheadOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_lrs()
+        self._check_groups_before_step()
         self._check_all_gradients()
         work = [
             (group, lists)
