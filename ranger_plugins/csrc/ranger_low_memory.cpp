@@ -136,10 +136,12 @@ template <typename P>
 float row_mean(const LowMemoryParam& lp, int64_t row) {
   using Type = ParamType<P>;
   const auto* g = static_cast<const typename Type::Storage*>(lp.grad) + row * lp.row_length;
-  float sum = 0;
+  // Summed in double, then rounded once: the mean no longer depends on the order of the
+  // additions, so it has the bits of the torch step's float64 mean (`_low_memory._row_means`).
+  double sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < lp.row_length; ++j) sum += Type::load(g[j]);
-  return sum / static_cast<float>(lp.row_length);  // torch.mean: the sum, divided
+  for (int64_t j = 0; j < lp.row_length; ++j) sum += static_cast<double>(Type::load(g[j]));
+  return static_cast<float>(sum / static_cast<double>(lp.row_length));
 }
 
 // The chunk's gradient in float, minus its rows' means where GC applies.
