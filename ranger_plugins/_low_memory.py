@@ -42,10 +42,14 @@ Encodings (the fused C++ step, ``csrc/``, does the same float32 operations in th
   (relative resolution near 2/c, down to 1/32258 of S); ``exp_avg_sq`` a fourth-root code
   ``c = floor(255 * (v / S) ** 0.25 + u)``, decoded as ``S * (c / 255) ** 4``, with ``u`` the
   stochastic-rounding offset, and never 0 for a v > 0 (a zero v would turn m / sqrt(v) into
-  m / eps). Like bitsandbytes' dynamic map, both codes spend their levels logarithmically.
+  m / eps). Like bitsandbytes' dynamic map, both codes spend more of their levels near zero
+  than a linear code would, so small moments keep a few significant bits.
 * The stochastic-rounding offsets come from a hash of (step, element index), not from torch's
   random generator: the same run gives the same bits (bitwise resume, identical DDP ranks),
   and the user's random stream is untouched.
+* Square roots are correctly rounded (`exact_sqrt`) and GC's row means are summed in float64
+  and rounded once, so the result does not depend on the CPU's math library or on the order
+  of a sum: the fused C++ step gives the same bits as this one.
 
 The state tensors of a param's shape have the param's strides, so that memory order (the order
 of the 8-bit blocks) is the same in all of them. A state in any other layout, dtype, device or
