@@ -24,11 +24,9 @@ import torch
 
 from . import _cpu_kernel
 from ._low_memory import low_memory_ranger
-from ._math import rectification
+from ._math import StepValues
 from ._multi_tensor import _multi_tensor_ranger
 from ._state import PLAIN_TENSOR_TYPES
-
-_NO_GC = 1 << 30  # a `gc_min_dim` no tensor exceeds
 
 
 def fused_ranger(
@@ -78,46 +76,24 @@ def _kernel_step(
     kernel,
     lists: tuple[list, ...],
     indices: list[int] | range,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    lookahead_k: int,
-    lookahead_alpha: float,
-    use_gc: bool,
-    gc_conv_only: bool,
-    rectify_threshold: float,
+    **hyperparameters,
 ) -> list[int]:
     """One kernel call on the params at ``indices`` (one step count); returns the positions
     (in the full lists) of the params it could not step."""
     params, grads, exp_avgs, exp_avg_sqs, slow_params, steps = (
         values if isinstance(indices, range) else [values[i] for i in indices] for values in lists
     )
-    step = steps[0]
-    multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
-    hyperparameters = [
-        1.0 - lr * weight_decay,  # decay
-        1.0 - beta1,
-        beta2,
-        1.0 - beta2,
-        eps,
-        -lr * multiplier,  # the step size, negated
-        lookahead_alpha,
-    ]
-    gc_min_dim = (3 if gc_conv_only else 1) if use_gc else _NO_GC
-    sync = step % lookahead_k == 0
+    values = StepValues.at_step(steps[0], **hyperparameters)
     not_stepped = kernel(
         params,
         grads,
         exp_avgs,
         exp_avg_sqs,
         slow_params,
-        hyperparameters,
-        gc_min_dim,
-        adaptive,
-        sync,
+        values.kernel_hyperparameters(values.alpha),
+        values.gc_min_dim,
+        values.adaptive,
+        values.sync,
     )
     return [indices[i] for i in not_stepped]
 
@@ -171,31 +147,11 @@ def _low_memory_kernel_step(
     states: list[dict],
     steps: list[int],
     indices: list[int],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    lookahead_k: int,
-    lookahead_alpha: float,
-    use_gc: bool,
-    gc_conv_only: bool,
-    rectify_threshold: float,
+    **hyperparameters,
 ) -> list[int]:
     """One kernel call on the params at ``indices`` (one step count); returns the positions
     (in the full lists) of the params it could not step."""
-    step = steps[indices[0]]
-    multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
-    hyperparameters = [
-        1.0 - lr * weight_decay,  # decay
-        1.0 - beta1,
-        beta2,
-        1.0 - beta2,
-        eps,
-        -lr * multiplier,  # the step size, negated
-        1.0 - lookahead_alpha,  # what a sync keeps of slow_delta: fast - (1 - alpha) * d
-    ]
+    values = StepValues.at_step(steps[indices[0]], **hyperparameters)
     chosen = [states[i] for i in indices]
     no_scale = torch.empty(0)  # 16bit params have no block scales
     not_stepped = kernel(
@@ -206,10 +162,10 @@ def _low_memory_kernel_step(
         [state.get("exp_avg_scale", no_scale) for state in chosen],
         [state.get("exp_avg_sq_scale", no_scale) for state in chosen],
         [state["slow_delta"] for state in chosen],
-        hyperparameters,
-        (3 if gc_conv_only else 1) if use_gc else _NO_GC,
-        adaptive,
-        step % lookahead_k == 0,
-        step,
+        values.kernel_hyperparameters(values.keep),  # a sync: fast - (1 - alpha) * d
+        values.gc_min_dim,
+        values.adaptive,
+        values.sync,
+        values.step,
     )
     return [indices[i] for i in not_stepped]

@@ -59,14 +59,12 @@ checkpoint saved in another mode, changing a group's ``state_precision``, ``mode
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ._math import rectification
+from ._math import StepValues
 from ._state import PLAIN_TENSOR_TYPES, state_dtype
 
 __all__ = ["STATE_PRECISIONS", "check_saved_state", "convert_state", "layout_for"]
@@ -517,50 +515,25 @@ def low_memory_ranger(
     grads: list[torch.Tensor],
     states: list[dict[str, Any]],
     steps: list[int],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    lookahead_k: int,
-    lookahead_alpha: float,
-    use_gc: bool,
-    gc_conv_only: bool,
-    rectify_threshold: float,
+    **hyperparameters: Any,
 ) -> None:
     """The Ranger step on states in the ``delta``, ``16bit`` or ``8bit`` layouts (see the
     module docstring); the same maths as `ranger._single_tensor_ranger`, with the slow
-    weights kept as ``slow_delta``."""
+    weights kept as ``slow_delta``. ``hyperparameters``: those of `StepValues.at_step`."""
 
     chunk = chunk_numel(sum(param.numel() for param in params))
-    gc_min_dim = (3 if gc_conv_only else 1) if use_gc else math.inf
-
-    def values_at(step: int) -> StepValues:
-        multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
-        return StepValues(
-            decay=1.0 - lr * weight_decay,
-            beta1_weight=1.0 - beta1,
-            beta2=beta2,
-            beta2_weight=1.0 - beta2,
-            eps=eps,
-            step_size=-lr * multiplier,
-            adaptive=adaptive,
-            keep=1.0 - lookahead_alpha,
-            sync=step % lookahead_k == 0,
-            step=step,
-        )
-
+    values = {step: StepValues.at_step(step, **hyperparameters) for step in set(steps)}
     packs, singles = _packs_and_singles(params, states, steps, chunk)
     for pack in packs:
-        centralize = [params[i].dim() > gc_min_dim for i in pack]
+        pack_values = values[steps[pack[0]]]
+        centralize = [params[i].dim() > pack_values.gc_min_dim for i in pack]
         pack_params = [params[i] for i in pack]
         pack_grads = [grads[i] for i in pack]
         pack_states = [states[i] for i in pack]
-        _step_pack(pack_params, pack_grads, pack_states, values_at(steps[pack[0]]), centralize)
+        _step_pack(pack_params, pack_grads, pack_states, pack_values, centralize)
     for i in singles:
-        centralize_one = params[i].dim() > gc_min_dim
-        _step_param(params[i], grads[i], states[i], values_at(steps[i]), centralize_one, chunk)
+        one = values[steps[i]]
+        _step_param(params[i], grads[i], states[i], one, params[i].dim() > one.gc_min_dim, chunk)
 
 
 def _packs_and_singles(
@@ -618,22 +591,6 @@ def _local_indices(numels: list[int], device: torch.device) -> torch.Tensor:
     """Each element's index within its own param, for params laid end to end (built on the
     device: copying a host list to an accelerator would wait for it)."""
     return torch.cat([torch.arange(numel, device=device) for numel in numels])
-
-
-@dataclass(frozen=True)
-class StepValues:
-    """The scalars of one param's step, computed on the host (no device sync)."""
-
-    decay: float
-    beta1_weight: float
-    beta2: float
-    beta2_weight: float
-    eps: float
-    step_size: float
-    adaptive: bool
-    keep: float
-    sync: bool
-    step: int
 
 
 def _step_param(

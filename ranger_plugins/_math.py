@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,6 +72,75 @@ def rectification(
         )
         return r_t * math.sqrt(bias_correction2) / bias_correction1, True
     return 1.0 / bias_correction1, False
+
+
+#: ``gc_min_dim`` where GC is off: a number of dimensions no tensor exceeds.
+NO_GC = 1 << 30
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """The scalars of one Ranger step at one step count, computed on the host (no device
+    sync): what the torch low-memory step and the C++ kernels take."""
+
+    decay: float  # 1 - lr * weight_decay
+    beta1_weight: float  # 1 - beta1
+    beta2: float
+    beta2_weight: float  # 1 - beta2
+    eps: float
+    step_size: float  # -lr * the rectification multiplier
+    adaptive: bool
+    alpha: float  # Lookahead's
+    keep: float  # 1 - alpha: what a sync keeps of slow_delta
+    sync: bool
+    gc_min_dim: int  # GC applies to tensors of more dimensions than this
+    step: int
+
+    @classmethod
+    def at_step(
+        cls,
+        step: int,
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        lookahead_k: int,
+        lookahead_alpha: float,
+        use_gc: bool,
+        gc_conv_only: bool,
+        rectify_threshold: float,
+    ) -> StepValues:
+        """The scalars for ``step`` from the step functions' keyword arguments."""
+        multiplier, adaptive = rectification(step, beta1, beta2, rectify_threshold)
+        return cls(
+            decay=1.0 - lr * weight_decay,
+            beta1_weight=1.0 - beta1,
+            beta2=beta2,
+            beta2_weight=1.0 - beta2,
+            eps=eps,
+            step_size=-lr * multiplier,
+            adaptive=adaptive,
+            alpha=lookahead_alpha,
+            keep=1.0 - lookahead_alpha,
+            sync=step % lookahead_k == 0,
+            gc_min_dim=(3 if gc_conv_only else 1) if use_gc else NO_GC,
+            step=step,
+        )
+
+    def kernel_hyperparameters(self, last: float) -> list[float]:
+        """The C++ kernels' seven hyperparameters; ``last`` is alpha (full state) or keep
+        (the low-memory state's slow_delta)."""
+        return [
+            self.decay,
+            self.beta1_weight,
+            self.beta2,
+            self.beta2_weight,
+            self.eps,
+            self.step_size,
+            last,
+        ]
 
 
 def step_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
